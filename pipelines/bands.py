@@ -1,0 +1,53 @@
+"""Bunny's score bands and the final seeded sample.
+
+Each band ranks its input by a score, descending, ties broken by uid, and keeps the
+ranks in [floor(lo*n), floor(hi*n)). Bands are chained: the centroid band ranks only the
+survivors of the clip band (Bunny's released code ranks both over the same input, which
+is wrong). The sample is the `target` rows with the smallest seeded uid hash, so it is
+uniform, and the same for any order or sharding of the input.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+ABOVE, BELOW = "above_band", "below_band"
+
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def uid_hash(uids) -> np.ndarray:
+    """Stable 64-bit hash of each uid (independent of Python's hash seed)."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(str(u).encode(), digest_size=8).digest(),
+                                       "little") for u in uids), np.uint64, count=len(uids))
+
+
+def mix(h: np.ndarray, seed: int) -> np.ndarray:
+    """splitmix64 of (hash xor seed): a seeded, order-free permutation key."""
+    with np.errstate(over="ignore"):
+        z = h.astype(np.uint64) ^ np.uint64(seed * 0x9E3779B97F4A7C15 % (1 << 64))
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        return z ^ (z >> np.uint64(31))
+
+
+def band(scores: np.ndarray, uids: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Per row: 0 kept, 1 ranked above the band, 2 ranked below it."""
+    n = len(scores)
+    order = np.lexsort((uids, -np.asarray(scores, np.float64)))
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
+    a, b = int(np.floor(lo * n)), int(np.floor(hi * n))
+    return np.where(rank < a, 1, np.where(rank >= b, 2, 0)).astype(np.int8)
+
+
+def sample(hashes: np.ndarray, uids: np.ndarray, target: int | None, seed: int) -> np.ndarray:
+    """Boolean mask of the seeded uniform sample of size `target` (all when None)."""
+    n = len(hashes)
+    if target is None or target >= n:
+        return np.ones(n, bool)
+    order = np.lexsort((uids, mix(hashes, seed)))
+    keep = np.zeros(n, bool)
+    keep[order[:target]] = True
+    return keep

@@ -1,0 +1,146 @@
+"""Spherical k-means with faiss: `train` on a sample, `assign` in batches.
+
+LAION-2B used k = 100,000. Flat k-means at that k costs n*k*d per iteration, too much
+on a CPU, so for large k training and assignment are two-level: a coarse k-means with
+about sqrt(k) cells, then a fine k-means inside each cell with a share of k proportional
+to the cell's size; assignment probes the `nprobe` nearest cells (a faiss IVF index over
+the fine centroids). `bench/cluster_quality.py` measures what this costs in quality
+against flat k-means where both fit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipelines import storage
+from pipelines.errors import InputError, MissingDependencyError
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise MissingDependencyError("faiss-cpu", "clustering") from None
+    return faiss
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+@dataclass
+class Centroids:
+    """Fine centroids (k, d), L2-normalised; for two-level, the coarse cells as well."""
+    fine: np.ndarray
+    coarse: np.ndarray | None = None
+    nprobe: int = 8
+
+    @property
+    def k(self) -> int:
+        return len(self.fine)
+
+    def save(self, path: str) -> None:
+        with storage.atomic_open(path) as f:
+            np.savez(f, fine=self.fine, coarse=self.coarse if self.coarse is not None
+                     else np.zeros((0, self.fine.shape[1]), np.float32), nprobe=self.nprobe)
+
+    @classmethod
+    def load(cls, path: str) -> "Centroids":
+        fs, p = storage.filesystem(path)
+        with fs.open(p, "rb") as f:
+            z = np.load(f)
+            coarse = z["coarse"]
+            return cls(z["fine"], coarse if len(coarse) else None, int(z["nprobe"]))
+
+    def index(self):
+        """A faiss index whose search returns (cos, cluster id) of the nearest centroid."""
+        faiss = _faiss()
+        d = self.fine.shape[1]
+        if self.coarse is None:
+            idx = faiss.IndexFlatIP(d)
+            idx.add(self.fine)
+            return idx
+        quantizer = faiss.IndexFlatIP(d)
+        quantizer.add(self.coarse)
+        idx = faiss.IndexIVFFlat(quantizer, d, len(self.coarse), faiss.METRIC_INNER_PRODUCT)
+        idx.is_trained = True
+        idx.add(self.fine)
+        idx.nprobe = min(self.nprobe, len(self.coarse))
+        idx._quantizer_ref = quantizer  # keep the quantizer alive with the index
+        return idx
+
+
+def train(sample: np.ndarray, k: int, seed: int = 0, niter: int = 20,
+          two_level: bool = False, nprobe: int = 8) -> Centroids:
+    """Spherical k-means on `sample` (rows L2-normalised). Deterministic for a given
+    sample order and seed."""
+    x = _unit(sample)
+    if k < 1 or k > len(x):
+        raise InputError(f"k={k} clusters need at least k valid samples; have {len(x)}",
+                         field="k")
+    if not two_level or k < 4:
+        return Centroids(_kmeans(x, k, seed, niter))
+    k1 = max(2, int(round(math.sqrt(k))))
+    coarse = _kmeans(x, k1, seed, niter)
+    cell = _nearest(coarse, x)
+    sizes = np.bincount(cell, minlength=k1)
+    share = _apportion(sizes, k)
+    fine = []
+    for c in range(k1):
+        if share[c] == 0:
+            continue
+        pts = x[cell == c]
+        fine.append(_kmeans(pts, int(share[c]), seed + c + 1, niter) if share[c] > 1
+                    else _unit(pts.mean(0, keepdims=True)))
+    return Centroids(_unit(np.concatenate(fine)), coarse, nprobe)
+
+
+def _apportion(sizes: np.ndarray, k: int) -> np.ndarray:
+    """Split k centroids over cells in proportion to their sizes (largest remainder),
+    at least one per non-empty cell and never more than its points."""
+    nonempty = sizes > 0
+    raw = sizes / sizes.sum() * k
+    share = np.where(nonempty, np.maximum(1, np.floor(raw)), 0).astype(np.int64)
+    share = np.minimum(share, sizes)
+    order = np.argsort(-(raw - np.floor(raw)), kind="stable")
+    i = 0
+    while share.sum() < k:
+        c = order[i % len(order)]
+        if share[c] < sizes[c]:
+            share[c] += 1
+        i += 1
+    while share.sum() > k:
+        c = int(np.argmax(share))
+        share[c] -= 1
+    return share
+
+
+def _kmeans(x: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
+    faiss = _faiss()
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=True, verbose=False,
+                      max_points_per_centroid=max(256, math.ceil(len(x) / k)),
+                      min_points_per_centroid=1)
+    km.train(x)
+    return _unit(km.centroids)
+
+
+def _nearest(centroids: np.ndarray, x: np.ndarray) -> np.ndarray:
+    faiss = _faiss()
+    idx = faiss.IndexFlatIP(centroids.shape[1])
+    idx.add(centroids)
+    _, lab = idx.search(x, 1)
+    return lab[:, 0]
+
+
+def assign(centroids: Centroids, x: np.ndarray, index=None) -> tuple[np.ndarray, np.ndarray]:
+    """(cluster id, cosine to that normalised centroid) for each row of x."""
+    idx = index if index is not None else centroids.index()
+    xs = _unit(x)
+    _, lab = idx.search(xs, 1)
+    lab = lab[:, 0].astype(np.int32)
+    # exact cosine to the chosen centroid (the index may return approximate scores)
+    cos = np.einsum("ij,ij->i", xs, centroids.fine[lab]).astype(np.float32)
+    return lab, cos

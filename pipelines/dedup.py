@@ -1,0 +1,271 @@
+"""Semantic deduplication inside one cluster: exact connected components of the graph
+with an edge where cos(a, b) > threshold, then one kept member per component.
+
+Speed without approximation: similarities are screened with an int8 matrix product
+(one quantisation scale per cluster), and a rigorous per-cluster error bound splits the
+screened pairs into three sets: certainly below the threshold (dropped), certainly
+above (edges), and a thin band around it, which is recomputed exactly in float64. So the
+graph is the same as a float32/float64 all-pairs computation, at int8 speed.
+
+Memory stays bounded: the cluster is processed in square blocks (upper triangle only;
+the similarity matrix is symmetric), and a block whose rows and columns already lie in
+one component is skipped, which makes giant near-duplicate clusters (LAION's "image not
+found" placeholder) cheap. Big clusters are never split into independent chunks.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+Keep = Literal["middle", "far", "near", "random"]
+
+BLOCK = 4096
+SMALL = 256         # below this many rows an exact float32 product is cheaper than int8 set-up
+
+
+@dataclass
+class PairStats:
+    """Counters of the pairwise step, for benchmarks and stats.json."""
+    pairs: int = 0            # pairs covered (upper triangle)
+    flops: float = 0.0        # multiply-adds x2 actually executed
+    blocks: int = 0
+    skipped_blocks: int = 0
+    rechecked: int = 0        # pairs recomputed exactly near the threshold
+    edges: int = 0
+
+    def add(self, other: "PairStats") -> None:
+        for k in self.__dataclass_fields__:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+
+def _merge(labels: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Union the components of edge endpoints u, v. Labels stay the smallest member index."""
+    lu, lv = labels[u], labels[v]
+    diff = lu != lv
+    if not diff.any():
+        return labels
+    lu, lv = lu[diff], lv[diff]
+    nodes, inv = np.unique(np.concatenate([lu, lv]), return_inverse=True)
+    m = len(nodes)
+    g = coo_matrix((np.ones(len(lu), np.int8), (inv[:len(lu)], inv[len(lu):])), shape=(m, m))
+    _, comp = connected_components(g, directed=False)
+    root = np.full(comp.max() + 1, np.iinfo(np.int64).max)
+    np.minimum.at(root, comp, nodes)      # nodes are labels, i.e. smallest indices
+    remap = np.arange(len(labels))
+    remap[nodes] = root[comp]
+    return remap[labels]
+
+
+def _exact(x: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """float64 dot products of row pairs (the ground truth for near-threshold pairs)."""
+    out = np.empty(len(i))
+    for s in range(0, len(i), 65_536):
+        a = x[i[s:s + 65_536]].astype(np.float64)
+        b = x[j[s:s + 65_536]].astype(np.float64)
+        out[s:s + 65_536] = np.einsum("ij,ij->i", a, b)
+    return out
+
+
+def components(x: np.ndarray, threshold: float, block: int = BLOCK,
+               method: Literal["int8", "float32"] = "int8",
+               stats: PairStats | None = None) -> np.ndarray:
+    """Component label (smallest member index) of each row of `x` (L2-normalised rows)
+    in the graph with an edge where cos > threshold."""
+    n = len(x)
+    labels = np.arange(n)
+    if n < 2:
+        return labels
+    st = stats if stats is not None else PairStats()
+    st.pairs += n * (n - 1) // 2
+    if method == "float32" or n <= SMALL:
+        return _components_float(x, threshold, block, labels, st)
+    return _components_int8(x, threshold, block, labels, st)
+
+
+def _block_order(nb: int):
+    # Diagonal blocks first: they merge local groups, so later off-diagonal blocks
+    # between already-joined ranges can be skipped.
+    yield from ((b, b) for b in range(nb))
+    for gap in range(1, nb):
+        yield from ((b, b + gap) for b in range(nb - gap))
+
+
+def _components_float(x, threshold, block, labels, st):
+    xf = np.ascontiguousarray(x, np.float32)
+    n = len(xf)
+    nb = (n + block - 1) // block
+    for bi, bj in _block_order(nb):
+        i0, i1 = bi * block, min(n, (bi + 1) * block)
+        j0, j1 = bj * block, min(n, (bj + 1) * block)
+        if _one_component(labels, i0, i1, j0, j1):
+            st.skipped_blocks += 1
+            continue
+        sim = xf[i0:i1] @ xf[j0:j1].T
+        st.blocks += 1
+        st.flops += 2.0 * (i1 - i0) * (j1 - j0) * xf.shape[1]
+        ii, jj = np.nonzero(sim > threshold - 1e-5)
+        ii, jj = ii + i0, jj + j0
+        keep = jj > ii
+        ii, jj = ii[keep], jj[keep]
+        if len(ii):
+            # float32 rounding can flip pairs right at the threshold: decide those exactly
+            ok = _exact(x, ii, jj) > threshold
+            st.rechecked += len(ii)
+            ii, jj = ii[ok], jj[ok]
+            st.edges += len(ii)
+            labels = _merge(labels, ii, jj)
+    return labels
+
+
+def _one_component(labels, i0, i1, j0, j1) -> bool:
+    a, b = labels[i0:i1], labels[j0:j1]
+    first = a[0]
+    return bool((a == first).all() and (b == first).all())
+
+
+def quantize(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """int8 rows with one scale for the whole cluster (padded to a multiple of 8 columns)."""
+    xf = np.asarray(x, np.float32)
+    scale = float(np.abs(xf).max()) / 127.0 or 1.0
+    q = np.rint(xf / scale).astype(np.int8)
+    pad = (-q.shape[1]) % 8
+    if pad:
+        q = np.pad(q, ((0, 0), (0, pad)))
+    return q, scale
+
+
+def error_bound(x: np.ndarray, scale: float) -> float:
+    """Largest possible |a.b - scale^2 * qa.qb| over row pairs of x.
+
+    With |a_i - s*qa_i| <= s/2: |a.b - s^2 qa.qb| <= s/2 (|a|_1 + |b|_1) + d s^2 / 4.
+    """
+    l1 = np.abs(np.asarray(x, np.float32)).sum(1).max()
+    d = x.shape[1]
+    return float(scale * l1 + d * scale * scale / 4.0) * 1.0001 + 1e-6
+
+
+def _components_int8(x, threshold, block, labels, st):
+    import torch
+
+    n, d = x.shape
+    q, scale = quantize(x)
+    bound = error_bound(x, scale)
+    s2 = scale * scale
+    lo = int(np.floor((threshold - bound) / s2))    # q.q <= lo  => cos <= threshold: no edge
+    hi = int(np.ceil((threshold + bound) / s2))     # q.q >  hi  => cos >  threshold: edge
+    qt = torch.from_numpy(q)
+    nb = (n + block - 1) // block
+    # torch's int8 GEMM wants at least 17 rows: pad a short last block with zero rows
+    # (their products are 0, far below any positive threshold).
+    for bi, bj in _block_order(nb):
+        i0, i1 = bi * block, min(n, (bi + 1) * block)
+        j0, j1 = bj * block, min(n, (bj + 1) * block)
+        if _one_component(labels, i0, i1, j0, j1):
+            st.skipped_blocks += 1
+            continue
+        a, b = qt[i0:i1], qt[j0:j1]
+        if len(a) < 17:
+            a = torch.nn.functional.pad(a, (0, 0, 0, 17 - len(a)))
+        c = torch._int_mm(a, b.T.contiguous())[: i1 - i0]
+        st.blocks += 1
+        st.flops += 2.0 * (i1 - i0) * (j1 - j0) * d
+        if int(c.max()) <= lo:
+            continue
+        ii, jj = (c > lo).nonzero(as_tuple=True)
+        vals = c[ii, jj].numpy()
+        ii, jj = ii.numpy() + i0, jj.numpy() + j0
+        keep = jj > ii
+        ii, jj, vals = ii[keep], jj[keep], vals[keep]
+        unsure = vals <= hi
+        if unsure.any():
+            st.rechecked += int(unsure.sum())
+            ok = ~unsure
+            ok[unsure] = _exact(x, ii[unsure], jj[unsure]) > threshold
+            ii, jj = ii[ok], jj[ok]
+        st.edges += len(ii)
+        if len(ii):
+            labels = _merge(labels, ii, jj)
+    return labels
+
+
+def choose(labels: np.ndarray, centroid_cos: np.ndarray, uids: np.ndarray, keep: Keep,
+           seed: int = 0) -> np.ndarray:
+    """Index of the kept member for every row's component.
+
+    Members are ordered by ascending distance to the centroid (descending centroid_cos),
+    ties by uid. `middle` keeps index len // 2 of that order, `near` the first, `far` the
+    last, `random` one drawn from a hash of (seed, the component's smallest uid).
+    """
+    n = len(labels)
+    order = np.lexsort((uids, -centroid_cos.astype(np.float64), labels))
+    lab_sorted = labels[order]
+    starts = np.flatnonzero(np.r_[True, lab_sorted[1:] != lab_sorted[:-1]])
+    sizes = np.diff(np.r_[starts, n])
+    if keep == "middle":
+        pick = sizes // 2
+    elif keep == "near":
+        pick = np.zeros_like(sizes)
+    elif keep == "far":
+        pick = sizes - 1
+    elif keep == "random":
+        pick = np.array([_hash_index(seed, min(uids[order[s:s + z]]), z)
+                         for s, z in zip(starts, sizes)], dtype=np.int64)
+    else:
+        raise ValueError(f"unknown keep policy {keep!r}")
+    kept_of_comp = order[starts + pick]
+    comp_index = np.repeat(np.arange(len(starts)), sizes)
+    kept = np.empty(n, np.int64)
+    kept[order] = kept_of_comp[comp_index]
+    return kept
+
+
+def _hash_index(seed: int, key: str, size: int) -> int:
+    h = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") % size
+
+
+def semdedup(x: np.ndarray, centroid_cos: np.ndarray, uids: np.ndarray, eps: float,
+             keep: Literal["far", "near"] = "far", block: int = BLOCK,
+             stats: PairStats | None = None) -> np.ndarray:
+    """SemDeDup-style policy: walk members in rank order (farthest from the centroid first
+    for `far`); a member is dropped when some earlier member has cos > 1 - eps, whatever
+    became of that earlier member. Returns, per row, the index of the kept row it maps to
+    (itself when kept)."""
+    n = len(x)
+    st = stats if stats is not None else PairStats()
+    sign = 1.0 if keep == "far" else -1.0
+    order = np.lexsort((uids, sign * centroid_cos.astype(np.float64)))
+    xs = np.ascontiguousarray(np.asarray(x, np.float32)[order])
+    threshold = 1.0 - eps
+    earliest = np.arange(n)   # in rank positions
+    nb = (n + block - 1) // block
+    for bi, bj in _block_order(nb):
+        i0, i1 = bi * block, min(n, (bi + 1) * block)
+        j0, j1 = bj * block, min(n, (bj + 1) * block)
+        sim = xs[i0:i1] @ xs[j0:j1].T
+        st.blocks += 1
+        st.flops += 2.0 * (i1 - i0) * (j1 - j0) * xs.shape[1]
+        ii, jj = np.nonzero(sim > threshold - 1e-5)
+        ii, jj = ii + i0, jj + j0
+        keepm = jj > ii
+        ii, jj = ii[keepm], jj[keepm]
+        if len(ii):
+            ok = _exact(xs, ii, jj) > threshold
+            st.rechecked += len(ii)
+            ii, jj = ii[ok], jj[ok]
+            st.edges += len(ii)
+            np.minimum.at(earliest, jj, ii)
+    st.pairs += n * (n - 1) // 2
+    # Follow pointers to a kept member: the earliest pointer strictly decreases.
+    target = earliest.copy()
+    for p in range(n):
+        if target[p] != p:
+            target[p] = target[target[p]]
+    kept = np.empty(n, np.int64)
+    kept[order] = order[target]
+    return kept

@@ -1,0 +1,269 @@
+"""Streaming readers for embedding sources.
+
+Two layouts are understood, detected from the folder:
+- LAION / clip-retrieval: `img_emb/img_emb_{i:04d}.npy`, `text_emb/text_emb_{i:04d}.npy`,
+  `metadata/metadata_{i:04d}.parquet` (same row order; uid column `key` by default).
+  Arrays are memory-mapped and read in row ranges, never whole.
+- Warren Parquet tables: `*.parquet` files with `img_emb`/`txt_emb` fixed-size-list columns.
+
+A shard is read in batches of rows; a batch is float32 and not yet validated (that is
+the validate stage's job, which turns bad rows into rejects).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import storage
+from pipelines.errors import InputError
+
+_NPY_INDEX = re.compile(r"_(\d+)\.npy$")
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    rows: int
+    meta: str                 # metadata Parquet (LAION) or the table itself (Warren)
+    img: str | None = None    # npy (LAION layout only)
+    txt: str | None = None
+
+
+@dataclass
+class Batch:
+    start: int                # first row of the batch within its shard
+    img: np.ndarray           # (m, d) float32, as stored
+    txt: np.ndarray | None
+    bad_dim: np.ndarray | None = None   # rows whose stored vector had the wrong length
+
+
+class EmbeddingSource:
+    """An opened, checked embedding folder. Cheap to construct: reads headers only."""
+
+    def __init__(self, root: str, uid_column: str = "key"):
+        self.root = str(root)
+        self.uid_column = uid_column
+        if storage.exists(storage.join(self.root, "img_emb")):
+            self.layout = "laion"
+            self.shards, self.dim, self.has_text = self._open_laion()
+        else:
+            self.layout = "parquet"
+            self.uid_column = uid_column if uid_column != "key" else "uid"
+            self.shards, self.dim, self.has_text = self._open_parquet()
+        if not self.shards:
+            raise InputError("no embedding shards found (expected img_emb/*.npy + metadata/*.parquet, "
+                             "or Parquet tables with an img_emb column)", path=self.root)
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    # -- layout detection -------------------------------------------------------------
+    def _open_laion(self):
+        imgs = storage.listdir(storage.join(self.root, "img_emb"), "*.npy")
+        shards, dim, has_text = [], None, True
+        for i, img in enumerate(imgs):
+            m = _NPY_INDEX.search(img)
+            tag = m.group(1) if m else f"{i:04d}"
+            meta = storage.join(self.root, "metadata", f"metadata_{tag}.parquet")
+            txt = storage.join(self.root, "text_emb", f"text_emb_{tag}.npy")
+            n, d = _npy_shape(img)
+            if dim is None:
+                dim = d
+            elif d != dim:
+                raise InputError(f"embedding dimension {d} differs from the first shard's {dim}",
+                                 path=img, field="img_emb")
+            if not storage.exists(meta):
+                raise InputError("metadata file for this embedding shard is missing", path=meta)
+            meta_rows = _parquet_rows(meta)
+            if meta_rows != n:
+                raise InputError(f"{meta_rows} metadata rows but {n} embedding rows in {img}",
+                                 path=meta)
+            _require_columns(meta, [self.uid_column])
+            if storage.exists(txt):
+                tn, td = _npy_shape(txt)
+                if (tn, td) != (n, d):
+                    raise InputError(f"text embeddings are {tn}x{td} but image embeddings are {n}x{d}",
+                                     path=txt)
+            else:
+                has_text, txt = False, None
+            shards.append(Shard(i, n, meta, img, txt))
+        if not has_text:
+            shards = [Shard(s.index, s.rows, s.meta, s.img, None) for s in shards]
+        return shards, dim, has_text
+
+    def _open_parquet(self):
+        files = storage.listdir(self.root, "*.parquet")
+        shards, dim, has_text = [], None, None
+        for i, path in enumerate(files):
+            schema = _parquet_schema(path)
+            _require_columns(path, [self.uid_column, "img_emb"], schema)
+            t = schema.field("img_emb").type
+            d = t.list_size if pa.types.is_fixed_size_list(t) else None
+            if d is not None:
+                if dim is None:
+                    dim = d
+                elif d != dim:
+                    raise InputError(f"embedding dimension {d} differs from the first table's {dim}",
+                                     path=path, field="img_emb")
+            text = "txt_emb" in schema.names
+            has_text = text if has_text is None else (has_text and text)
+            shards.append(Shard(i, _parquet_rows(path), path))
+        if shards and dim is None:  # variable-length lists everywhere: take the commonest length
+            dim = _modal_list_length(shards[0].meta)
+        return shards, dim, bool(has_text)
+
+    # -- reading ----------------------------------------------------------------------
+    def metadata(self, shard: Shard, columns: list[str] | None = None) -> pa.Table:
+        """The shard's non-embedding columns (all of them unless `columns`)."""
+        if columns is None:
+            names = _parquet_schema(shard.meta).names
+            columns = [c for c in names if c not in ("img_emb", "txt_emb")]
+        return storage.read_table(shard.meta, columns=columns)
+
+    def uids(self, shard: Shard) -> np.ndarray:
+        col = storage.read_table(shard.meta, columns=[self.uid_column]).column(0)
+        if col.null_count:
+            row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+            raise InputError("uid is null", path=shard.meta, row=row, field=self.uid_column)
+        return np.asarray(col.cast(pa.string()).to_pylist(), dtype=object)
+
+    def batches(self, shard: Shard, batch_rows: int = 65_536,
+                rows: np.ndarray | None = None) -> Iterator[Batch]:
+        """Row batches of a shard, in order. With `rows`, only those rows (sorted), one batch."""
+        if self.layout == "laion":
+            yield from self._laion_batches(shard, batch_rows, rows)
+        else:
+            yield from self._parquet_batches(shard, batch_rows, rows)
+
+    def _laion_batches(self, shard, batch_rows, rows):
+        img = _npy_open(shard.img)
+        txt = _npy_open(shard.txt) if shard.txt else None
+        try:
+            if rows is not None:
+                yield Batch(0, np.asarray(img[rows], np.float32),
+                            None if txt is None else np.asarray(txt[rows], np.float32))
+                return
+            for s in range(0, shard.rows, batch_rows):
+                e = min(shard.rows, s + batch_rows)
+                yield Batch(s, np.asarray(img[s:e], np.float32),
+                            None if txt is None else np.asarray(txt[s:e], np.float32))
+        finally:
+            del img, txt  # drop the maps so their pages leave our resident set
+
+    def _parquet_batches(self, shard, batch_rows, rows):
+        cols = ["img_emb"] + (["txt_emb"] if self.has_text else [])
+        fs, p = storage.filesystem(shard.meta)
+        try:
+            with fs.open(p, "rb") as f:
+                pf = pq.ParquetFile(f)
+                start = 0
+                wanted = None if rows is None else np.asarray(rows)
+                for rb in pf.iter_batches(batch_size=batch_rows, columns=cols):
+                    n = rb.num_rows
+                    if wanted is not None:
+                        sel = wanted[(wanted >= start) & (wanted < start + n)] - start
+                        rb = rb.take(pa.array(sel))
+                    img, bad = _list_to_array(rb.column(0), self.dim)
+                    txt = None
+                    if self.has_text:
+                        txt, bad_t = _list_to_array(rb.column(1), self.dim)
+                        bad = bad | bad_t
+                    if wanted is None or rb.num_rows:
+                        yield Batch(start, img, txt, bad)
+                    start += n
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(f"unreadable Parquet ({e})", path=shard.meta) from None
+
+
+def open_source(path: str, uid_column: str = "key") -> EmbeddingSource:
+    return EmbeddingSource(path, uid_column)
+
+
+# -- helpers ----------------------------------------------------------------------------
+def _npy_open(path: str) -> np.ndarray:
+    fs, p = storage.filesystem(path)
+    try:
+        if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+            return np.load(p, mmap_mode="r")
+        with fs.open(p, "rb") as f:
+            return np.load(f)
+    except (ValueError, OSError, EOFError) as e:
+        raise InputError(f"unreadable npy ({e})", path=path) from None
+
+
+def _npy_shape(path: str) -> tuple[int, int]:
+    arr = _npy_open(path)
+    if arr.ndim != 2:
+        raise InputError(f"expected a 2-D array, got shape {arr.shape}", path=path)
+    if arr.dtype not in (np.float16, np.float32):
+        raise InputError(f"expected float16 or float32, got {arr.dtype}", path=path)
+    return int(arr.shape[0]), int(arr.shape[1])
+
+
+def _parquet_schema(path: str) -> pa.Schema:
+    fs, p = storage.filesystem(path)
+    try:
+        with fs.open(p, "rb") as f:
+            return pq.ParquetFile(f).schema_arrow
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"unreadable Parquet ({e})", path=path) from None
+
+
+def _parquet_rows(path: str) -> int:
+    fs, p = storage.filesystem(path)
+    try:
+        with fs.open(p, "rb") as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"unreadable Parquet ({e})", path=path) from None
+
+
+def _require_columns(path: str, columns: list[str], schema: pa.Schema | None = None) -> None:
+    names = (schema or _parquet_schema(path)).names
+    for c in columns:
+        if c not in names:
+            raise InputError(f"missing column '{c}' (has: {', '.join(names)}); "
+                             "pass --uid-column if the uid has another name", path=path, field=c)
+
+
+def _list_to_array(col: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, dim) float32 from a list column; rows of the wrong length come back zero
+    and flagged, so validation can reject them with a reason."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    n = len(col)
+    if pa.types.is_fixed_size_list(col.type):
+        if col.type.list_size == dim and col.null_count == 0:
+            flat = col.flatten().to_numpy(zero_copy_only=False)
+            return flat.astype(np.float32, copy=False).reshape(n, dim), np.zeros(n, bool)
+        col = col.cast(pa.list_(col.type.value_type))
+    lengths = col.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
+    bad = lengths != dim
+    out = np.zeros((n, dim), np.float32)
+    good = np.flatnonzero(~bad)
+    if len(good):
+        offs = col.offsets.to_numpy()
+        values = col.values.to_numpy(zero_copy_only=False).astype(np.float32)
+        idx = offs[good][:, None] + np.arange(dim)[None, :]
+        out[good] = values[idx]
+    return out, bad
+
+
+def _modal_list_length(path: str) -> int:
+    col = storage.read_table(path, columns=["img_emb"]).column(0).combine_chunks()
+    lengths = col.value_lengths().drop_null().to_numpy(zero_copy_only=False)
+    if not len(lengths):
+        raise InputError("cannot infer the embedding dimension from an empty table", path=path)
+    vals, counts = np.unique(lengths, return_counts=True)
+    return int(vals[np.argmax(counts)])
+
+
+def shard_name(path: str) -> str:
+    return os.path.basename(str(path))

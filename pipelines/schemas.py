@@ -1,0 +1,88 @@
+"""Every table Warren writes, with one explicit pyarrow schema each.
+
+Embedding columns are fixed-size lists of float16, which polars reads as
+`Array(Float16, d)`. Tables that carry arbitrary input metadata (coreset) are built
+from the fixed part below plus the carried columns, in that order.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+UID = "uid"
+
+
+def embedding_table(dim: int) -> pa.Schema:
+    """Warren's own embedding table: one row per sample, both embeddings L2-normalised."""
+    return pa.schema([
+        pa.field(UID, pa.string(), nullable=False),
+        pa.field("url", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("img_emb", pa.list_(pa.float16(), dim), nullable=False),
+        pa.field("txt_emb", pa.list_(pa.float16(), dim)),
+    ])
+
+
+# Per-sample result of cluster assignment, written partitioned by cluster bucket.
+# (shard, row) point back into the input so dedup can fetch the vector.
+ASSIGNMENTS = pa.schema([
+    pa.field(UID, pa.string(), nullable=False),
+    pa.field("shard", pa.int32(), nullable=False),
+    pa.field("row", pa.int64(), nullable=False),
+    pa.field("cluster", pa.int32(), nullable=False),
+    pa.field("centroid_cos", pa.float32(), nullable=False),
+    pa.field("clip_score", pa.float32()),
+])
+
+# Survivors of dedup inside one cluster bucket (same columns as ASSIGNMENTS).
+SURVIVORS = ASSIGNMENTS
+
+# The fixed head of coreset.parquet; carried metadata columns follow it.
+CORESET = pa.schema([
+    pa.field(UID, pa.string(), nullable=False),
+    pa.field("url", pa.string()),
+    pa.field("caption", pa.string()),
+    pa.field("cluster", pa.int32(), nullable=False),
+    pa.field("clip_score", pa.float32()),
+    pa.field("centroid_cos", pa.float32(), nullable=False),
+])
+
+REJECTS = pa.schema([
+    pa.field(UID, pa.string(), nullable=False),
+    pa.field("stage", pa.string(), nullable=False),
+    pa.field("reason", pa.string(), nullable=False),
+    pa.field("kept_uid", pa.string()),
+])
+
+# Synthetic ground truth: dup_group is -1 for samples planted without duplicates.
+TRUTH = pa.schema([
+    pa.field(UID, pa.string(), nullable=False),
+    pa.field("cluster", pa.int32(), nullable=False),
+    pa.field("dup_group", pa.int64(), nullable=False),
+])
+
+TURN = pa.struct([pa.field("from", pa.string()), pa.field("value", pa.string())])
+
+# The instruction mix (and the stage-1 caption table, which has the same shape).
+MIX = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("image", pa.string()),
+    pa.field("conversations", pa.list_(TURN), nullable=False),
+    pa.field("n_turns", pa.int32(), nullable=False),
+    pa.field("has_image", pa.bool_(), nullable=False),
+])
+
+MIX_REJECTS = pa.schema([
+    pa.field("id", pa.string()),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("reason", pa.string(), nullable=False),
+    pa.field("record", pa.string()),
+])
+
+# Downloaded images as Parquet bytes, keyed by uid (what the trainer reads for stage 1).
+IMAGES = pa.schema([
+    pa.field(UID, pa.string(), nullable=False),
+    pa.field("jpg", pa.binary(), nullable=False),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+])

@@ -1,0 +1,528 @@
+"""Coreset selection on embeddings: the Bunny rule, as resumable stages.
+
+    plan -> validate (per shard) -> train (once) -> assign (per shard)
+         -> dedup (per cluster bucket) -> finish (bands, sample, outputs)
+
+Every stage is a plain function of (config, source folder, output folder[, unit]) that
+writes its results atomically under `<output>/_work/` and records a completion marker
+last, so a rerun skips finished units and a killed run resumes where it stopped. The
+Prefect flow (flows/curate.py) maps the per-shard and per-bucket stages over a task
+runner; `run` calls them in order in this process.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import bands, cluster, dedup, manifest, schemas, storage
+from pipelines.errors import ConfigError, InputError, WarrenError
+from pipelines.readers import EmbeddingSource, open_source
+
+log = logging.getLogger(__name__)
+
+WORK = "_work"
+REASONS = {1: "wrong_dim", 2: "nan_embedding", 3: "zero_embedding",
+           4: "nan_text_embedding", 5: "zero_text_embedding"}
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Everything the selection computes from. Same config + same input = same coreset."""
+    k: int | None = None                 # clusters; None: rows / avg_cluster
+    avg_cluster: int = 20_000            # LAION-2B at k = 100,000
+    threshold: float = 0.86              # duplicate edge: cos > threshold
+    clip_band: tuple[float, float] | None = (0.40, 0.60)
+    centroid_band: tuple[float, float] | None = (0.15, 0.35)
+    target: int | None = None            # final sample size; None keeps every band survivor
+    seed: int = 0
+    keep: Literal["middle", "far", "near", "random"] = "middle"
+    policy: Literal["bunny", "semdedup"] = "bunny"
+    eps: float | None = None             # semdedup: drop when cos > 1 - eps (default 1 - threshold)
+    uid_column: str = "key"
+    buckets: int | None = None           # dedup work units; None: min(k, 64)
+    train_sample: int | None = None      # k-means training rows; None: max(50k, 64k) capped at n
+    niter: int = 20
+    two_level: Literal["auto", "on", "off"] = "auto"
+    flat_max_k: int = 4096               # auto: two-level k-means above this k
+    nprobe: int = 8
+    batch_rows: int = 65_536
+    block: int = dedup.BLOCK
+    method: Literal["int8", "float32"] = "int8"
+
+    def __post_init__(self):
+        p = []
+        if self.k is not None and self.k < 1:
+            p.append(f"k must be >= 1 (got {self.k})")
+        if self.avg_cluster < 1:
+            p.append("avg_cluster must be >= 1")
+        if not 0.0 < self.threshold < 1.0:
+            p.append(f"threshold must be in (0, 1) (got {self.threshold})")
+        for name in ("clip_band", "centroid_band"):
+            b = getattr(self, name)
+            if b is not None and not (len(b) == 2 and 0.0 <= b[0] < b[1] <= 1.0):
+                p.append(f"{name} must be lo,hi with 0 <= lo < hi <= 1 (got {b})")
+        if self.target is not None and self.target < 0:
+            p.append(f"target must be >= 0 (got {self.target})")
+        if self.keep not in ("middle", "far", "near", "random"):
+            p.append(f"keep must be middle, far, near or random (got {self.keep!r})")
+        if self.policy not in ("bunny", "semdedup"):
+            p.append(f"policy must be bunny or semdedup (got {self.policy!r})")
+        if self.policy == "semdedup" and self.keep not in ("far", "near"):
+            p.append("policy semdedup ranks by centroid distance: keep must be far or near")
+        if self.eps is not None and not 0.0 < self.eps < 1.0:
+            p.append(f"eps must be in (0, 1) (got {self.eps})")
+        if self.buckets is not None and self.buckets < 1:
+            p.append("buckets must be >= 1")
+        if self.two_level not in ("auto", "on", "off"):
+            p.append("two_level must be auto, on or off")
+        if self.method not in ("int8", "float32"):
+            p.append("method must be int8 or float32")
+        if self.block < 32:
+            p.append("block must be >= 32")
+        if p:
+            raise ConfigError(p, source="select config")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SelectConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError([f"unknown select option '{u}'" for u in unknown],
+                              source="select config")
+        d = dict(d)
+        for b in ("clip_band", "centroid_band"):
+            if isinstance(d.get(b), list):
+                d[b] = tuple(d[b])
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# -- helpers -------------------------------------------------------------------------
+def _w(out: str, *parts: str) -> str:
+    return storage.join(out, WORK, *parts)
+
+
+def _plan(out: str) -> dict:
+    return storage.read_json(_w(out, "plan.json"))
+
+
+def _source(cfg: SelectConfig, src: str) -> EmbeddingSource:
+    return open_source(src, cfg.uid_column)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _rejects(uids, stage: str, reasons, kept=None) -> pa.Table:
+    n = len(uids)
+    reasons = [reasons] * n if isinstance(reasons, str) else list(reasons)
+    return pa.table({"uid": pa.array(list(uids), pa.string()),
+                     "stage": pa.array([stage] * n, pa.string()),
+                     "reason": pa.array(reasons, pa.string()),
+                     "kept_uid": pa.array(None if kept is None else list(kept), pa.string())
+                     if kept is not None else pa.nulls(n, pa.string())}, schema=schemas.REJECTS)
+
+
+# -- stages --------------------------------------------------------------------------
+def plan(cfg: SelectConfig, source_dir: str, output_dir: str) -> dict:
+    """Open and check the source, fix k and the bucket count, record them.
+
+    A rerun into a folder that holds another config's run is refused rather than mixed."""
+    src = _source(cfg, source_dir)
+    if cfg.clip_band is not None and not src.has_text:
+        raise ConfigError("the clip-score band needs text embeddings and the source has none "
+                          "(no text_emb/ or txt_emb column): pass --clip-band none",
+                          source=source_dir)
+    k = cfg.k or max(1, int(round(src.rows / cfg.avg_cluster)))
+    p = {"source": str(source_dir), "layout": src.layout, "shards": len(src.shards),
+         "rows": src.rows, "dim": src.dim, "has_text": src.has_text, "k": k,
+         "buckets": min(k, cfg.buckets or 64), "config": cfg.to_dict()}
+    path = _w(output_dir, "plan.json")
+    if storage.exists(path):
+        old = storage.read_json(path)
+        if old.get("config") != p["config"] or old.get("rows") != p["rows"]:
+            raise ConfigError(f"{output_dir} holds a run with another config or input; "
+                              "use a new --output folder or delete it", source="select")
+        return old
+    storage.write_json(path, p)
+    return p
+
+
+def stage_validate(cfg: SelectConfig, source_dir: str, output_dir: str, shard: int) -> dict:
+    """Turn unusable rows into rejects with a reason; record (uid, row, uid hash) of the rest."""
+    name = f"validate-{shard:05d}"
+    if storage.is_done(_w(output_dir), name):
+        return storage.done_info(_w(output_dir), name)
+    src = _source(cfg, source_dir)
+    sh = src.shards[shard]
+    uids = src.uids(sh)
+    code = np.zeros(sh.rows, np.int8)
+    for b in src.batches(sh, cfg.batch_rows):
+        s, e = b.start, b.start + len(b.img)
+        c = np.zeros(e - s, np.int8)
+        if b.bad_dim is not None:
+            c[b.bad_dim] = 1
+        fin = np.isfinite(b.img).all(1)
+        c[(c == 0) & ~fin] = 2
+        c[(c == 0) & (np.abs(np.where(fin[:, None], b.img, 0)).max(1) == 0)] = 3
+        if b.txt is not None and cfg.clip_band is not None:
+            tfin = np.isfinite(b.txt).all(1)
+            c[(c == 0) & ~tfin] = 4
+            c[(c == 0) & (np.abs(np.where(tfin[:, None], b.txt, 0)).max(1) == 0)] = 5
+        code[s:e] = c
+    ok = code == 0
+    rows = np.flatnonzero(ok)
+    valid = pa.table({"uid": pa.array(uids[rows].tolist(), pa.string()),
+                      "row": pa.array(rows, pa.int64()),
+                      "hash": pa.array(bands.uid_hash(uids[rows]).view(np.int64))})
+    storage.write_table(valid, _w(output_dir, "valid", f"s{shard:05d}.parquet"))
+    bad = np.flatnonzero(~ok)
+    rej = _rejects(uids[bad], "validate", [REASONS[int(c)] for c in code[bad]])
+    storage.write_table(rej, _w(output_dir, "rejects", f"validate-s{shard:05d}.parquet"),
+                        schemas.REJECTS)
+    counts = {REASONS[int(c)]: int((code == c).sum()) for c in np.unique(code[bad])}
+    info = {"shard": shard, "rows": int(sh.rows), "valid": int(ok.sum()), "rejects": counts}
+    storage.mark_done(_w(output_dir), name, info)
+    return info
+
+
+def _valid_tables(output_dir: str, shards: int) -> list[pa.Table]:
+    return [storage.read_table(_w(output_dir, "valid", f"s{s:05d}.parquet")) for s in range(shards)]
+
+
+def _check_unique(tables: list[pa.Table], src: EmbeddingSource) -> None:
+    hashes = np.concatenate([t.column("hash").to_numpy() for t in tables]) if tables else np.zeros(0)
+    if len(np.unique(hashes)) == len(hashes):
+        return
+    vals, counts = np.unique(hashes, return_counts=True)
+    dup = set(vals[counts > 1].tolist())
+    seen: dict[str, tuple[int, int]] = {}
+    for s, t in enumerate(tables):
+        h = t.column("hash").to_numpy()
+        for i in np.flatnonzero(np.isin(h, list(dup))):
+            u, r = t.column("uid")[i].as_py(), int(t.column("row")[i].as_py())
+            if u in seen:
+                s0, r0 = seen[u]
+                raise InputError(f"duplicate uid '{u}' (also at {src.shards[s0].meta} row {r0}); "
+                                 "uids must be unique", path=src.shards[s].meta, row=r,
+                                 field=src.uid_column)
+            seen[u] = (s, r)
+
+
+def stage_train(cfg: SelectConfig, source_dir: str, output_dir: str) -> dict:
+    """Check uid uniqueness, draw the seeded training sample, train spherical k-means."""
+    name = "train"
+    if storage.is_done(_w(output_dir), name):
+        return storage.done_info(_w(output_dir), name)
+    p = _plan(output_dir)
+    src = _source(cfg, source_dir)
+    tables = _valid_tables(output_dir, p["shards"])
+    _check_unique(tables, src)
+    n_valid = sum(t.num_rows for t in tables)
+    k = p["k"]
+    if n_valid < k:
+        raise InputError(f"only {n_valid} valid rows for k={k} clusters; lower --k",
+                         path=source_dir)
+    size = min(n_valid, cfg.train_sample or max(50_000, 64 * k))
+    # The sample is the rows with the smallest seeded uid hash: independent of sharding.
+    keys = [bands.mix(t.column("hash").to_numpy().view(np.uint64), cfg.seed) for t in tables]
+    cut = np.sort(np.concatenate(keys))[size - 1]
+    parts, part_keys = [], []
+    for s, (t, key) in enumerate(zip(tables, keys)):
+        pick = np.flatnonzero(key <= cut)
+        if not len(pick):
+            continue
+        rows = t.column("row").to_numpy()[pick]
+        order = np.argsort(rows)
+        batch = next(src.batches(src.shards[s], rows=rows[order]))
+        parts.append(_unit(batch.img))
+        part_keys.append(key[pick][order])
+    x = np.concatenate(parts)
+    x = x[np.argsort(np.concatenate(part_keys), kind="stable")]
+    two = cfg.two_level == "on" or (cfg.two_level == "auto" and k > cfg.flat_max_k)
+    t0 = time.perf_counter()
+    cents = cluster.train(x, k, seed=cfg.seed, niter=cfg.niter, two_level=two, nprobe=cfg.nprobe)
+    cents.save(_w(output_dir, "centroids.npz"))
+    info = {"k": k, "sample": int(len(x)), "two_level": two, "valid_rows": int(n_valid),
+            "seconds": round(time.perf_counter() - t0, 3)}
+    storage.mark_done(_w(output_dir), name, info)
+    return info
+
+
+def stage_assign(cfg: SelectConfig, source_dir: str, output_dir: str, shard: int) -> dict:
+    """Nearest centroid, centroid cosine and clip score per valid row; rows and their
+    normalised vectors go to one part per cluster bucket (streamed, bounded memory)."""
+    name = f"assign-{shard:05d}"
+    if storage.is_done(_w(output_dir), name):
+        return storage.done_info(_w(output_dir), name)
+    p = _plan(output_dir)
+    src = _source(cfg, source_dir)
+    sh = src.shards[shard]
+    valid = storage.read_table(_w(output_dir, "valid", f"s{shard:05d}.parquet"))
+    vrows = valid.column("row").to_numpy()
+    vuids = np.asarray(valid.column("uid").to_pylist(), dtype=object)
+    cents = cluster.Centroids.load(_w(output_dir, "centroids.npz"))
+    index = cents.index()
+    nb = p["buckets"]
+    counts = np.zeros(nb, np.int64)
+    with contextlib.ExitStack() as stack:
+        writers: dict[int, tuple] = {}
+
+        def writer(b: int):
+            if b not in writers:
+                base = _w(output_dir, "assign", f"b{b:05d}", f"s{shard:05d}")
+                fmeta = stack.enter_context(storage.atomic_open(base + ".parquet"))
+                fvec = stack.enter_context(storage.atomic_open(base + ".f16"))
+                pw = stack.enter_context(pq.ParquetWriter(fmeta, schemas.ASSIGNMENTS))
+                writers[b] = (pw, fvec)
+            return writers[b]
+
+        for batch in src.batches(sh, cfg.batch_rows):
+            lo, hi = np.searchsorted(vrows, [batch.start, batch.start + len(batch.img)])
+            if lo == hi:
+                continue
+            local = vrows[lo:hi] - batch.start
+            img = _unit(batch.img[local])
+            lab, cos = cluster.assign(cents, img, index)
+            clip = (np.einsum("ij,ij->i", img, _unit(batch.txt[local])).astype(np.float32)
+                    if batch.txt is not None else np.full(len(local), np.nan, np.float32))
+            bucket = lab % nb
+            for b in np.unique(bucket):
+                m = bucket == b
+                pw, fvec = writer(int(b))
+                pw.write_table(pa.table({
+                    "uid": pa.array(vuids[lo:hi][m].tolist(), pa.string()),
+                    "shard": pa.array(np.full(m.sum(), shard, np.int32)),
+                    "row": pa.array(vrows[lo:hi][m]), "cluster": pa.array(lab[m]),
+                    "centroid_cos": pa.array(cos[m]), "clip_score": pa.array(clip[m])},
+                    schema=schemas.ASSIGNMENTS))
+                fvec.write(np.ascontiguousarray(img[m], np.float16).tobytes())
+                counts[b] += int(m.sum())
+    info = {"shard": shard, "rows": int(len(vrows)), "buckets_written": int((counts > 0).sum())}
+    storage.mark_done(_w(output_dir), name, info)
+    return info
+
+
+def stage_dedup(cfg: SelectConfig, source_dir: str, output_dir: str, bucket: int) -> dict:
+    """Deduplicate every cluster of one bucket, exactly and over the whole cluster."""
+    name = f"dedup-{bucket:05d}"
+    if storage.is_done(_w(output_dir), name):
+        return storage.done_info(_w(output_dir), name)
+    p = _plan(output_dir)
+    d = p["dim"]
+    parts = storage.listdir(_w(output_dir, "assign", f"b{bucket:05d}"), "s*.parquet")
+    tables, vecs = [], []
+    for part in parts:
+        t = storage.read_table(part)
+        fs, path = storage.filesystem(part[:-len(".parquet")] + ".f16")
+        with fs.open(path, "rb") as f:
+            v = np.frombuffer(f.read(), np.float16).reshape(-1, d)
+        if len(v) != t.num_rows:
+            raise WarrenError(f"{part}: {t.num_rows} rows but {len(v)} vectors; "
+                              "delete its completion marker and rerun")
+        tables.append(t)
+        vecs.append(v)
+    st = dedup.PairStats()
+    empty = schemas.ASSIGNMENTS.empty_table()
+    t = pa.concat_tables(tables) if tables else empty
+    x = np.concatenate(vecs) if vecs else np.zeros((0, d), np.float16)
+    uids = np.asarray(t.column("uid").to_pylist(), dtype=object)
+    cl = t.column("cluster").to_numpy()
+    cos = t.column("centroid_cos").to_numpy()
+    order = np.lexsort((uids, cl))
+    kept = np.arange(len(uids))
+    starts = np.flatnonzero(np.r_[True, cl[order][1:] != cl[order][:-1]]) if len(order) else []
+    t0 = time.perf_counter()
+    largest = 0
+    for s, e in zip(starts, list(starts[1:]) + [len(order)]):
+        idx = order[s:e]
+        largest = max(largest, len(idx))
+        if cfg.policy == "bunny":
+            lab = dedup.components(x[idx], cfg.threshold, cfg.block, cfg.method, st)
+            k_local = dedup.choose(lab, cos[idx], uids[idx], cfg.keep, cfg.seed)
+        else:
+            eps = cfg.eps if cfg.eps is not None else 1.0 - cfg.threshold
+            k_local = dedup.semdedup(x[idx], cos[idx], uids[idx], eps, cfg.keep, cfg.block, st)
+        kept[idx] = idx[k_local]
+    seconds = time.perf_counter() - t0
+    survive = kept == np.arange(len(uids))
+    storage.write_table(t.filter(pa.array(survive)),
+                        _w(output_dir, "dedup", f"b{bucket:05d}.parquet"), schemas.ASSIGNMENTS)
+    drop = np.flatnonzero(~survive)
+    storage.write_table(_rejects(uids[drop], "dedup", "duplicate", uids[kept[drop]]),
+                        _w(output_dir, "rejects", f"dedup-b{bucket:05d}.parquet"), schemas.REJECTS)
+    info = {"bucket": bucket, "rows": int(len(uids)), "kept": int(survive.sum()),
+            "largest_cluster": int(largest), "seconds": round(seconds, 4),
+            **dataclasses.asdict(st)}
+    storage.mark_done(_w(output_dir), name, info)
+    return info
+
+
+def stage_finish(cfg: SelectConfig, source_dir: str, output_dir: str,
+                 extra_rejects: Sequence[str] = ()) -> dict:
+    """Chained bands, seeded sample, then coreset.parquet, rejects.parquet, centroids.npy,
+    stats.json and manifest.json. Checks that every input uid lands in exactly one table."""
+    p = _plan(output_dir)
+    src = _source(cfg, source_dir)
+    surv = pa.concat_tables([storage.read_table(f) for f in
+                             storage.listdir(_w(output_dir, "dedup"), "b*.parquet")]
+                            or [schemas.ASSIGNMENTS.empty_table()])
+    uids = np.asarray(surv.column("uid").to_pylist(), dtype=object)
+    alive = np.ones(len(uids), bool)
+    band_rejects, funnel = [], {}
+    for stage, col, rng in (("clip_band", "clip_score", cfg.clip_band),
+                            ("centroid_band", "centroid_cos", cfg.centroid_band)):
+        n_in = int(alive.sum())
+        if rng is not None:
+            idx = np.flatnonzero(alive)
+            codes = bands.band(surv.column(col).to_numpy()[idx], uids[idx], *rng)
+            out = idx[codes > 0]
+            band_rejects.append(_rejects(uids[out], stage,
+                                         np.where(codes[codes > 0] == 1, bands.ABOVE, bands.BELOW)))
+            alive[out] = False
+        funnel[stage] = {"in": n_in, "out": int(alive.sum())}
+    idx = np.flatnonzero(alive)
+    pick = bands.sample(bands.uid_hash(uids[idx]), uids[idx], cfg.target, cfg.seed)
+    band_rejects.append(_rejects(uids[idx[~pick]], "sample", "not_sampled"))
+    alive[idx[~pick]] = False
+    funnel["sample"] = {"in": int(len(idx)), "out": int(alive.sum())}
+
+    coreset = _coreset_table(src, surv.filter(pa.array(alive)), cfg.uid_column)
+    storage.write_table(coreset, storage.join(output_dir, "coreset.parquet"), coreset.schema)
+
+    parts = [storage.read_table(f, schema=schemas.REJECTS)
+             for f in storage.listdir(_w(output_dir, "rejects"), "*.parquet")]
+    parts += band_rejects + [storage.read_table(f, schema=schemas.REJECTS) for f in extra_rejects]
+    rejects = pa.concat_tables(parts or [schemas.REJECTS.empty_table()])
+    rejects = rejects.take(pa.compute.sort_indices(rejects, [("uid", "ascending"),
+                                                             ("stage", "ascending")]))
+    storage.write_table(rejects, storage.join(output_dir, "rejects.parquet"), schemas.REJECTS)
+
+    extra_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in extra_rejects)
+    _check_accounting(coreset, rejects, p["rows"] + extra_rows)
+
+    cents = cluster.Centroids.load(_w(output_dir, "centroids.npz"))
+    with storage.atomic_open(storage.join(output_dir, "centroids.npy")) as f:
+        np.save(f, cents.fine)
+    stats = _stats(output_dir, p, rejects, funnel, coreset.num_rows, cfg)
+    storage.write_json(storage.join(output_dir, "stats.json"), stats)
+    base = str(output_dir)
+    manifest.write(storage.join(base, "manifest.json"),
+                   {"coreset": storage.join(base, "coreset.parquet"),
+                    "rejects": storage.join(base, "rejects.parquet")},
+                   config={"select": cfg.to_dict(), "source": str(source_dir)})
+    return stats
+
+
+def _coreset_table(src: EmbeddingSource, kept: pa.Table, uid_col: str) -> pa.Table:
+    """Join the kept rows with their shard metadata; carried columns follow the fixed head."""
+    shard = kept.column("shard").to_numpy()
+    row = kept.column("row").to_numpy()
+    pieces = []
+    for s in np.unique(shard):
+        sel = np.flatnonzero(shard == s)
+        meta = src.metadata(src.shards[int(s)])
+        rows_here = row[sel]
+        order = np.argsort(rows_here)
+        m = meta.take(pa.array(rows_here[order]))
+        k = kept.take(pa.array(sel[order]))
+        cols = {"uid": k.column("uid"),
+                "url": m.column("url") if "url" in m.column_names else pa.nulls(len(sel), pa.string()),
+                "caption": m.column("caption") if "caption" in m.column_names
+                else pa.nulls(len(sel), pa.string()),
+                "cluster": k.column("cluster"), "clip_score": k.column("clip_score"),
+                "centroid_cos": k.column("centroid_cos")}
+        for c in m.column_names:
+            if c not in (uid_col, "url", "caption") and c not in cols:
+                cols[c] = m.column(c)
+        pieces.append(pa.table(cols))
+    if not pieces:
+        return schemas.CORESET.empty_table()
+    t = pa.concat_tables(pieces, promote_options="default")
+    head = [schemas.CORESET.field(n) for n in schemas.CORESET.names]
+    carried = [t.schema.field(n) for n in t.column_names if n not in schemas.CORESET.names]
+    t = t.select([f.name for f in head + carried]).cast(pa.schema(head + carried))
+    return t.take(pa.compute.sort_indices(t, [("uid", "ascending")]))
+
+
+def _check_accounting(coreset: pa.Table, rejects: pa.Table, expected: int) -> None:
+    kept = set(coreset.column("uid").to_pylist())
+    rej = rejects.column("uid").to_pylist()
+    if len(kept) + len(rej) != expected or len(set(rej)) != len(rej) or kept & set(rej):
+        raise WarrenError(f"accounting broken: {len(kept)} kept + {len(rej)} rejected "
+                          f"!= {expected} input rows (or a uid is in both); this is a bug")
+
+
+def _stats(output_dir, p, rejects, funnel, coreset_rows, cfg) -> dict:
+    work = _w(output_dir)
+    done = lambda prefix, n: [storage.done_info(work, f"{prefix}-{i:05d}") for i in range(n)]  # noqa: E731
+    val = done("validate", p["shards"])
+    ded = done("dedup", p["buckets"])
+    stage_reason = (rejects.group_by(["stage", "reason"]).aggregate([("uid", "count")])
+                    .to_pylist())
+    by_reason: dict[str, dict[str, int]] = {}
+    for r in stage_reason:
+        by_reason.setdefault(r["stage"], {})[r["reason"]] = r["uid_count"]
+    pair = {k: sum(d[k] for d in ded) for k in ("pairs", "flops", "blocks", "skipped_blocks",
+                                                 "rechecked", "edges")}
+    valid = sum(v["valid"] for v in val)
+    dedup_kept = sum(d["kept"] for d in ded)
+    return {
+        "input_rows": p["rows"], "shards": p["shards"], "k": p["k"], "buckets": p["buckets"],
+        "coreset_rows": int(coreset_rows), "rejected_rows": int(rejects.num_rows),
+        "funnel": {"input": p["rows"], "valid": valid, "dedup": dedup_kept,
+                   "clip_band": funnel["clip_band"]["out"],
+                   "centroid_band": funnel["centroid_band"]["out"], "sample": funnel["sample"]["out"]},
+        "rejects_by_stage": by_reason,
+        "train": storage.done_info(work, "train"),
+        "dedup": {"seconds": round(sum(d["seconds"] for d in ded), 3),
+                  "largest_cluster": max([d["largest_cluster"] for d in ded] or [0]), **pair},
+        "config": cfg.to_dict(), "code_version": manifest.code_version(),
+    }
+
+
+def run(cfg: SelectConfig, source_dir: str, output_dir: str, progress: bool = True,
+        extra_rejects: Sequence[str] = ()) -> dict:
+    """All stages in this process, in order; resumes a killed run in the same folder."""
+    from tqdm import tqdm
+
+    def steps(desc, n):
+        return tqdm(range(n), desc=desc, unit=desc.split()[-1], disable=not progress,
+                    mininterval=0.5, leave=False)
+    t0 = time.perf_counter()
+    p = plan(cfg, source_dir, output_dir)
+    timings = {}
+    for label, fn, n in (("validate shard", stage_validate, p["shards"]),):
+        s = time.perf_counter()
+        for i in steps(label, n):
+            fn(cfg, source_dir, output_dir, i)
+        timings["validate"] = time.perf_counter() - s
+    s = time.perf_counter()
+    stage_train(cfg, source_dir, output_dir)
+    timings["train"] = time.perf_counter() - s
+    s = time.perf_counter()
+    for i in steps("assign shard", p["shards"]):
+        stage_assign(cfg, source_dir, output_dir, i)
+    timings["assign"] = time.perf_counter() - s
+    s = time.perf_counter()
+    for b in steps("dedup bucket", p["buckets"]):
+        stage_dedup(cfg, source_dir, output_dir, b)
+    timings["dedup"] = time.perf_counter() - s
+    s = time.perf_counter()
+    stats = stage_finish(cfg, source_dir, output_dir, extra_rejects)
+    timings["finish"] = time.perf_counter() - s
+    stats["seconds"] = {k: round(v, 3) for k, v in timings.items()}
+    stats["seconds"]["total"] = round(time.perf_counter() - t0, 3)
+    storage.write_json(storage.join(output_dir, "stats.json"), stats)
+    return stats
