@@ -69,8 +69,17 @@ class Centroids:
         idx.is_trained = True
         idx.add(self.fine)
         idx.nprobe = min(self.nprobe, len(self.coarse))
-        idx._quantizer_ref = quantizer  # keep the quantizer alive with the index
-        return idx
+        return _Held(idx, quantizer)
+
+
+class _Held:
+    """An IVF index plus its quantizer, which must outlive it (faiss does not own it)."""
+
+    def __init__(self, index, quantizer):
+        self.index, self.quantizer = index, quantizer
+
+    def search(self, x, k):
+        return self.index.search(x, k)
 
 
 def train(sample: np.ndarray, k: int, seed: int = 0, niter: int = 20,

@@ -226,7 +226,7 @@ def choose(labels: np.ndarray, centroid_cos: np.ndarray, uids: np.ndarray, keep:
 
 def _hash_index(seed: int, key: str, size: int) -> int:
     h = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") % size
+    return int.from_bytes(h, "little") % int(size)
 
 
 def semdedup(x: np.ndarray, centroid_cos: np.ndarray, uids: np.ndarray, eps: float,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -147,7 +148,8 @@ def plan(cfg: SelectConfig, source_dir: str, output_dir: str) -> dict:
     k = cfg.k or max(1, int(round(src.rows / cfg.avg_cluster)))
     p = {"source": str(source_dir), "layout": src.layout, "shards": len(src.shards),
          "rows": src.rows, "dim": src.dim, "has_text": src.has_text, "k": k,
-         "buckets": min(k, cfg.buckets or 64), "config": cfg.to_dict()}
+         "buckets": min(k, cfg.buckets or 64),
+         "config": json.loads(json.dumps(cfg.to_dict()))}
     path = _w(output_dir, "plan.json")
     if storage.exists(path):
         old = storage.read_json(path)
