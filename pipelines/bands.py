@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 ABOVE, BELOW = "above_band", "below_band"
 
@@ -23,6 +25,13 @@ def uid_hash(uids) -> np.ndarray:
                                        "little") for u in uids), np.uint64, count=len(uids))
 
 
+def uid_hash_arrow(uids, chunk: int = 100_000) -> np.ndarray:
+    """uid_hash over an arrow string column, a chunk of Python strings at a time."""
+    col = uids.combine_chunks() if isinstance(uids, pa.ChunkedArray) else uids
+    return np.concatenate([uid_hash(col.slice(s, chunk).to_pylist())
+                           for s in range(0, len(col), chunk)] or [np.zeros(0, np.uint64)])
+
+
 def mix(h: np.ndarray, seed: int) -> np.ndarray:
     """splitmix64 of (hash xor seed): a seeded, order-free permutation key."""
     with np.errstate(over="ignore"):
@@ -32,22 +41,34 @@ def mix(h: np.ndarray, seed: int) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def band(scores: np.ndarray, uids: np.ndarray, lo: float, hi: float) -> np.ndarray:
+def _order(key, uids) -> np.ndarray:
+    """Row order by `key` descending, ties by uid ascending (uids: list, numpy or arrow)."""
+    t = pa.table({"k": pa.array(np.asarray(key, np.float64)),
+                  "u": uids if isinstance(uids, (pa.Array, pa.ChunkedArray))
+                  else pa.array(list(uids), pa.string())})
+    return pc.sort_indices(t, [("k", "descending"), ("u", "ascending")]).to_numpy()
+
+
+def band(scores, uids, lo: float, hi: float) -> np.ndarray:
     """Per row: 0 kept, 1 ranked above the band, 2 ranked below it."""
     n = len(scores)
-    order = np.lexsort((uids, -np.asarray(scores, np.float64)))
+    order = _order(scores, uids)
     rank = np.empty(n, np.int64)
     rank[order] = np.arange(n)
     a, b = int(np.floor(lo * n)), int(np.floor(hi * n))
     return np.where(rank < a, 1, np.where(rank >= b, 2, 0)).astype(np.int8)
 
 
-def sample(hashes: np.ndarray, uids: np.ndarray, target: int | None, seed: int) -> np.ndarray:
+def sample(hashes: np.ndarray, uids, target: int | None, seed: int) -> np.ndarray:
     """Boolean mask of the seeded uniform sample of size `target` (all when None)."""
     n = len(hashes)
     if target is None or target >= n:
         return np.ones(n, bool)
-    order = np.lexsort((uids, mix(hashes, seed)))
+    # smallest mixed hash first: negate the rank so _order's descending sort fits
+    key = mix(np.asarray(hashes).view(np.uint64), seed)
+    rank = np.empty(n, np.float64)
+    rank[np.argsort(key, kind="stable")] = np.arange(n)
+    order = _order(-rank, uids)
     keep = np.zeros(n, bool)
     keep[order[:target]] = True
     return keep

@@ -11,6 +11,7 @@ the validate stage's job, which turns bad rows into rejects).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
@@ -143,19 +144,19 @@ class EmbeddingSource:
             yield from self._parquet_batches(shard, batch_rows, rows)
 
     def _laion_batches(self, shard, batch_rows, rows):
-        img = _npy_open(shard.img)
-        txt = _npy_open(shard.txt) if shard.txt else None
-        try:
-            if rows is not None:
-                yield Batch(0, np.asarray(img[rows], np.float32),
-                            None if txt is None else np.asarray(txt[rows], np.float32))
-                return
+        if rows is not None:
+            img = _npy_open(shard.img)
+            txt = _npy_open(shard.txt) if shard.txt else None
+            yield Batch(0, np.asarray(img[rows], np.float32),
+                        None if txt is None else np.asarray(txt[rows], np.float32))
+            return
+        # Plain reads of row ranges, not a memory map: mapped pages would stay in the
+        # resident set for the life of the map, and LAION shards are ~1M rows (3 GB).
+        with _NpyRows(shard.img) as img, \
+                (_NpyRows(shard.txt) if shard.txt else contextlib.nullcontext()) as txt:
             for s in range(0, shard.rows, batch_rows):
                 e = min(shard.rows, s + batch_rows)
-                yield Batch(s, np.asarray(img[s:e], np.float32),
-                            None if txt is None else np.asarray(txt[s:e], np.float32))
-        finally:
-            del img, txt  # drop the maps so their pages leave our resident set
+                yield Batch(s, img.read(s, e), None if txt is None else txt.read(s, e))
 
     def _parquet_batches(self, shard, batch_rows, rows):
         cols = ["img_emb"] + (["txt_emb"] if self.has_text else [])
@@ -187,6 +188,41 @@ def open_source(path: str, uid_column: str = "key") -> EmbeddingSource:
 
 
 # -- helpers ----------------------------------------------------------------------------
+class _NpyRows:
+    """Reads row ranges of a 2-D C-order .npy file through an fsspec file object."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        fs, p = storage.filesystem(self.path)
+        self.f = fs.open(p, "rb")
+        try:
+            version = np.lib.format.read_magic(self.f)
+            header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                      else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = header(self.f)
+        except (ValueError, OSError, EOFError) as e:
+            self.f.close()
+            raise InputError(f"unreadable npy ({e})", path=self.path) from None
+        if fortran or len(shape) != 2:
+            self.f.close()
+            raise InputError("expected a 2-D C-order array", path=self.path)
+        self.offset, self.dtype, self.dim = self.f.tell(), dtype, shape[1]
+        self.row_bytes = dtype.itemsize * shape[1]
+        return self
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        self.f.seek(self.offset + start * self.row_bytes)
+        buf = self.f.read((stop - start) * self.row_bytes)
+        if len(buf) != (stop - start) * self.row_bytes:
+            raise InputError(f"truncated npy: rows {start}-{stop} missing", path=self.path)
+        return np.frombuffer(buf, self.dtype).reshape(stop - start, self.dim).astype(np.float32)
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
 def _npy_open(path: str) -> np.ndarray:
     fs, p = storage.filesystem(path)
     try:

@@ -31,6 +31,7 @@ ASSIGNMENTS = pa.schema([
     pa.field("cluster", pa.int32(), nullable=False),
     pa.field("centroid_cos", pa.float32(), nullable=False),
     pa.field("clip_score", pa.float32()),
+    pa.field("uid_hash", pa.int64(), nullable=False),   # stable 64-bit hash, for sampling
 ])
 
 # Survivors of dedup inside one cluster bucket (same columns as ASSIGNMENTS).

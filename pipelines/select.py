@@ -21,6 +21,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import bands, cluster, dedup, manifest, schemas, storage
@@ -54,9 +55,9 @@ class SelectConfig:
     two_level: Literal["auto", "on", "off"] = "auto"
     flat_max_k: int = 4096               # auto: two-level k-means above this k
     nprobe: int = 8
-    batch_rows: int = 65_536
+    batch_rows: int = 16_384
     block: int = dedup.BLOCK
-    method: Literal["int8", "float32"] = "int8"
+    method: Literal["int8", "float32", "baseline"] = "int8"   # baseline: for bench/ only
 
     def __post_init__(self):
         p = []
@@ -84,8 +85,8 @@ class SelectConfig:
             p.append("buckets must be >= 1")
         if self.two_level not in ("auto", "on", "off"):
             p.append("two_level must be auto, on or off")
-        if self.method not in ("int8", "float32"):
-            p.append("method must be int8 or float32")
+        if self.method not in ("int8", "float32", "baseline"):
+            p.append("method must be int8, float32 or baseline")
         if self.block < 32:
             p.append("block must be >= 32")
         if p:
@@ -125,14 +126,21 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def _strings(values) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks()
+    return values if isinstance(values, pa.Array) else pa.array(list(values), pa.string())
+
+
 def _rejects(uids, stage: str, reasons, kept=None) -> pa.Table:
     n = len(uids)
-    reasons = [reasons] * n if isinstance(reasons, str) else list(reasons)
-    return pa.table({"uid": pa.array(list(uids), pa.string()),
-                     "stage": pa.array([stage] * n, pa.string()),
-                     "reason": pa.array(reasons, pa.string()),
-                     "kept_uid": pa.array(None if kept is None else list(kept), pa.string())
-                     if kept is not None else pa.nulls(n, pa.string())}, schema=schemas.REJECTS)
+    reasons = (pa.array(np.full(n, reasons, dtype=object), pa.string()) if isinstance(reasons, str)
+               else _strings(reasons))
+    return pa.table({"uid": _strings(uids),
+                     "stage": pa.array(np.full(n, stage, dtype=object), pa.string()),
+                     "reason": reasons,
+                     "kept_uid": _strings(kept) if kept is not None else pa.nulls(n, pa.string())},
+                    schema=schemas.REJECTS)
 
 
 # -- stages --------------------------------------------------------------------------
@@ -151,6 +159,7 @@ def plan(cfg: SelectConfig, source_dir: str, output_dir: str) -> dict:
          "buckets": min(k, cfg.buckets or 64),
          "config": json.loads(json.dumps(cfg.to_dict()))}
     path = _w(output_dir, "plan.json")
+    _remove_stale_temporaries(output_dir)
     if storage.exists(path):
         old = storage.read_json(path)
         if old.get("config") != p["config"] or old.get("rows") != p["rows"]:
@@ -159,6 +168,15 @@ def plan(cfg: SelectConfig, source_dir: str, output_dir: str) -> dict:
         return old
     storage.write_json(path, p)
     return p
+
+
+def _remove_stale_temporaries(output_dir: str) -> None:
+    """A killed run can leave hidden `.name.tmp-*` files; they are never final outputs."""
+    fs, p = storage.filesystem(output_dir)
+    if fs.exists(p):
+        for f in fs.find(p):
+            if ".tmp-" in f.rsplit("/", 1)[-1]:
+                fs.rm(f)
 
 
 def stage_validate(cfg: SelectConfig, source_dir: str, output_dir: str, shard: int) -> dict:
@@ -274,6 +292,7 @@ def stage_assign(cfg: SelectConfig, source_dir: str, output_dir: str, shard: int
     valid = storage.read_table(_w(output_dir, "valid", f"s{shard:05d}.parquet"))
     vrows = valid.column("row").to_numpy()
     vuids = np.asarray(valid.column("uid").to_pylist(), dtype=object)
+    vhash = valid.column("hash").to_numpy()
     cents = cluster.Centroids.load(_w(output_dir, "centroids.npz"))
     index = cents.index()
     nb = p["buckets"]
@@ -307,7 +326,8 @@ def stage_assign(cfg: SelectConfig, source_dir: str, output_dir: str, shard: int
                     "uid": pa.array(vuids[lo:hi][m].tolist(), pa.string()),
                     "shard": pa.array(np.full(m.sum(), shard, np.int32)),
                     "row": pa.array(vrows[lo:hi][m]), "cluster": pa.array(lab[m]),
-                    "centroid_cos": pa.array(cos[m]), "clip_score": pa.array(clip[m])},
+                    "centroid_cos": pa.array(cos[m]), "clip_score": pa.array(clip[m]),
+                    "uid_hash": pa.array(vhash[lo:hi][m])},
                     schema=schemas.ASSIGNMENTS))
                 fvec.write(np.ascontiguousarray(img[m], np.float16).tobytes())
                 counts[b] += int(m.sum())
@@ -380,23 +400,24 @@ def stage_finish(cfg: SelectConfig, source_dir: str, output_dir: str,
     surv = pa.concat_tables([storage.read_table(f) for f in
                              storage.listdir(_w(output_dir, "dedup"), "b*.parquet")]
                             or [schemas.ASSIGNMENTS.empty_table()])
-    uids = np.asarray(surv.column("uid").to_pylist(), dtype=object)
-    alive = np.ones(len(uids), bool)
+    uids = surv.column("uid")
+    alive = np.ones(surv.num_rows, bool)
     band_rejects, funnel = [], {}
     for stage, col, rng in (("clip_band", "clip_score", cfg.clip_band),
                             ("centroid_band", "centroid_cos", cfg.centroid_band)):
         n_in = int(alive.sum())
         if rng is not None:
             idx = np.flatnonzero(alive)
-            codes = bands.band(surv.column(col).to_numpy()[idx], uids[idx], *rng)
+            codes = bands.band(surv.column(col).take(idx).to_numpy(), uids.take(idx), *rng)
             out = idx[codes > 0]
-            band_rejects.append(_rejects(uids[out], stage,
+            band_rejects.append(_rejects(uids.take(out), stage,
                                          np.where(codes[codes > 0] == 1, bands.ABOVE, bands.BELOW)))
             alive[out] = False
         funnel[stage] = {"in": n_in, "out": int(alive.sum())}
     idx = np.flatnonzero(alive)
-    pick = bands.sample(bands.uid_hash(uids[idx]), uids[idx], cfg.target, cfg.seed)
-    band_rejects.append(_rejects(uids[idx[~pick]], "sample", "not_sampled"))
+    pick = bands.sample(surv.column("uid_hash").take(idx).to_numpy(), uids.take(idx),
+                        cfg.target, cfg.seed)
+    band_rejects.append(_rejects(uids.take(idx[~pick]), "sample", "not_sampled"))
     alive[idx[~pick]] = False
     funnel["sample"] = {"in": int(len(idx)), "out": int(alive.sum())}
 
@@ -407,7 +428,7 @@ def stage_finish(cfg: SelectConfig, source_dir: str, output_dir: str,
              for f in storage.listdir(_w(output_dir, "rejects"), "*.parquet")]
     parts += band_rejects + [storage.read_table(f, schema=schemas.REJECTS) for f in extra_rejects]
     rejects = pa.concat_tables(parts or [schemas.REJECTS.empty_table()])
-    rejects = rejects.take(pa.compute.sort_indices(rejects, [("uid", "ascending"),
+    rejects = rejects.take(pc.sort_indices(rejects, [("uid", "ascending"),
                                                              ("stage", "ascending")]))
     storage.write_table(rejects, storage.join(output_dir, "rejects.parquet"), schemas.REJECTS)
 
@@ -455,15 +476,18 @@ def _coreset_table(src: EmbeddingSource, kept: pa.Table, uid_col: str) -> pa.Tab
     head = [schemas.CORESET.field(n) for n in schemas.CORESET.names]
     carried = [t.schema.field(n) for n in t.column_names if n not in schemas.CORESET.names]
     t = t.select([f.name for f in head + carried]).cast(pa.schema(head + carried))
-    return t.take(pa.compute.sort_indices(t, [("uid", "ascending")]))
+    return t.take(pc.sort_indices(t, [("uid", "ascending")]))
 
 
 def _check_accounting(coreset: pa.Table, rejects: pa.Table, expected: int) -> None:
-    kept = set(coreset.column("uid").to_pylist())
-    rej = rejects.column("uid").to_pylist()
-    if len(kept) + len(rej) != expected or len(set(rej)) != len(rej) or kept & set(rej):
-        raise WarrenError(f"accounting broken: {len(kept)} kept + {len(rej)} rejected "
-                          f"!= {expected} input rows (or a uid is in both); this is a bug")
+    """Every input row is in exactly one table: counts add up and no uid appears twice
+    (checked on 64-bit uid hashes, which keeps it cheap at any scale)."""
+    n = coreset.num_rows + rejects.num_rows
+    h = np.concatenate([bands.uid_hash_arrow(coreset.column("uid")),
+                        bands.uid_hash_arrow(rejects.column("uid"))])
+    if n != expected or len(np.unique(h)) != n:
+        raise WarrenError(f"accounting broken: {coreset.num_rows} kept + {rejects.num_rows} "
+                          f"rejected != {expected} input rows (or a uid is in both); this is a bug")
 
 
 def _stats(output_dir, p, rejects, funnel, coreset_rows, cfg) -> dict:

@@ -41,7 +41,7 @@ def chained_cluster(rng, n, d, n_chains=30, n_groups=40, giant=0):
     return x.astype(np.float16)
 
 
-@pytest.mark.parametrize("method", ["int8", "float32"])
+@pytest.mark.parametrize("method", ["int8", "float32", "baseline"])
 @pytest.mark.parametrize("block", [64, 300, 4096])
 def test_components_equal_brute_force(method, block):
     rng = np.random.default_rng(block)

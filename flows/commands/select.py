@@ -28,8 +28,9 @@ def add_arguments(p) -> None:
     p.add_argument("--buckets", type=int, default=None, help="dedup work units (default min(k, 64))")
     p.add_argument("--two-level", choices=["auto", "on", "off"], default="auto",
                    help="two-level k-means (auto: when k > 4096)")
-    p.add_argument("--method", choices=["int8", "float32"], default="int8",
-                   help="pairwise screen (both give the exact graph)")
+    p.add_argument("--method", choices=["int8", "float32", "baseline"], default="int8",
+                   help="pairwise step; all give the exact graph (baseline: the plain "
+                        "float32 X @ X.T per cluster, for benchmarks)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
