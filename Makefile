@@ -24,4 +24,4 @@ test: install
 	$(VENV)/bin/python -m pytest -q
 
 bench: install
-	$(VENV)/bin/python bench/select.py --quick
+	$(VENV)/bin/python bench/select_coreset.py --quick

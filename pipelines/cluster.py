@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.sparse import csr_matrix
 
 from pipelines import storage
 from pipelines.errors import InputError, MissingDependencyError
@@ -83,7 +84,7 @@ class _Held:
 
 
 def train(sample: np.ndarray, k: int, seed: int = 0, niter: int = 20,
-          two_level: bool = False, nprobe: int = 8) -> Centroids:
+          two_level: bool = False, nprobe: int = 8, refine: int = 4) -> Centroids:
     """Spherical k-means on `sample` (rows L2-normalised). Deterministic for a given
     sample order and seed."""
     x = _unit(sample)
@@ -104,7 +105,17 @@ def train(sample: np.ndarray, k: int, seed: int = 0, niter: int = 20,
         pts = x[cell == c]
         fine.append(_kmeans(pts, int(share[c]), seed + c + 1, niter) if share[c] > 1
                     else _unit(pts.mean(0, keepdims=True)))
-    return Centroids(_unit(np.concatenate(fine)), coarse, nprobe)
+    cents = Centroids(_unit(np.concatenate(fine)), coarse, nprobe)
+    # Each fine k-means saw only its own cell: a few global Lloyd steps over all fine
+    # centroids (assignment through the IVF index) undo most of the boundary damage.
+    for _ in range(refine):
+        lab, _ = assign(cents, x)
+        member = csr_matrix((np.ones(len(x), np.float32), (lab, np.arange(len(x)))),
+                            shape=(cents.k, len(x)))
+        sums = np.asarray(member @ x)
+        filled = np.bincount(lab, minlength=cents.k) > 0
+        cents.fine[filled] = _unit(sums[filled])
+    return cents
 
 
 def _apportion(sizes: np.ndarray, k: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Benchmark of `warren select` against the plain float32 baseline, in the same run.
 
-    python bench/select.py                      # 1M x 768 float16, avg cluster ~20k, then 4M
-    python bench/select.py --quick              # 100k rows, no scale run (a smoke test)
+    python bench/select_coreset.py                      # 1M x 768 float16, avg cluster ~20k, then 4M
+    python bench/select_coreset.py --quick              # 100k rows, no scale run (a smoke test)
 
 Both arms run the same pipeline in a fresh child process (peak RSS from wait4); they
 differ only in the pairwise step: Warren's int8-screened, symmetric, component-skipping
@@ -12,18 +12,15 @@ Pairwise GFLOP/s counts the flops of the full float32 product each cluster needs
 """
 from __future__ import annotations
 
+# Named select_coreset.py, not select.py: a bench/select.py shadows the standard
+# library's `select` for every script in bench/ (sys.path[0] is the script's folder).
+import argparse
 import os
 import sys
-
-# This file is named like the standard library's `select`: drop its folder from the path.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import json
+import subprocess
+import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
