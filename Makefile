@@ -5,6 +5,7 @@ STAMP  := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 
 .PHONY: install demo test bench
 install: $(STAMP)

@@ -10,9 +10,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from pipelines.errors import WarrenError
+
+# Prefect's temporary server (used when PREFECT_API_URL is unset) takes ~13 s to start
+# here and its default 20 s limit fails on a busy 2-core machine; analytics need the net.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 COMMANDS = {
     "demo": "flows.commands.demo",
