@@ -1,0 +1,33 @@
+"""The Prefect flow `mix` wraps the same steps and gives the same mix as build.run."""
+import os
+
+import pytest
+
+from pipelines.mix import build, recipe, synth
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_mix_flow_matches_the_direct_build(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    monkeypatch.setenv("PREFECT_LOGGING_TO_API_ENABLED", "false")
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from flows.mix import mix
+    paths = synth.write_sources(str(tmp_path / "src"), scale=0.0005, seed=1)
+    rpath = os.path.join(ROOT, "configs", "mix", "bunny-695k.yaml")
+    try:
+        stats = mix(recipe_path=rpath, output=str(tmp_path / "flow"), data_root=paths["root"],
+                    export_llava_path=str(tmp_path / "flow" / "llava.json"))
+    finally:
+        # stop the temporary server while pytest's output is still open (else its
+        # shutdown message is logged to a closed stream at exit)
+        for server in list(SubprocessASGIServer._instances.values()):
+            server.stop()
+    direct = build.run(recipe.load(rpath, data_root=paths["root"]), str(tmp_path / "direct"))
+    c = synth.counts(0.0005)
+    assert stats["kept"] == direct["kept"] == c["image"] + c["wizardlm"]
+    assert stats["sources"] == direct["sources"] and stats["exported"] == stats["kept"]
+    a = open(tmp_path / "flow" / "mix.parquet", "rb").read()
+    assert a == open(tmp_path / "direct" / "mix.parquet", "rb").read()
