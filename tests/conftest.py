@@ -47,6 +47,20 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: str, timeout: float = 1
     raise RuntimeError(f"prefect server not healthy after {timeout}s; see {log}")
 
 
+def stop_group(proc: subprocess.Popen, grace: float = 20) -> None:
+    """SIGTERM a process started with start_new_session=True and its children, SIGKILL
+    them after `grace` seconds."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
     """The URL of a real Prefect API server for this test session."""
@@ -75,15 +89,7 @@ def prefect_api(tmp_path_factory):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+        stop_group(proc)
 
 
 # -- a small LAION-like pool on 127.0.0.1, and one finished curation run of it ----------------

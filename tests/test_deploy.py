@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import stop_group
 import yaml
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -64,12 +64,7 @@ def test_serve_then_deployment_run_watch(curate_small, demo_pool, prefect_api, t
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "Completed" in r.stdout + r.stderr
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_group(server, grace=30)
     for t in ("coreset.parquet", "rejects.parquet", "images/coreset_images.parquet"):
         assert pq.read_table(f"{out}/{t}").equals(pq.read_table(f"{ref}/{t}")), t
     assert os.path.exists(f"{out}/report.html")
