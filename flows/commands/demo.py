@@ -1,0 +1,59 @@
+"""`warren demo`: build a small LAION-like pool, serve it locally, curate it, build the
+stage-1 table and the instruction mix, train the tiny VLM and ask it one question."""
+from __future__ import annotations
+
+HELP = "the whole system on a generated pool served on 127.0.0.1 (tiny random CLIP; minutes on a laptop)"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--output", default="runs/demo", help="demo folder (default runs/demo)")
+    p.add_argument("--n", type=int, default=3000, help="pool rows to generate")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of configs/curate/demo.yaml (repeatable)")
+    p.add_argument("--train-steps", type=int, default=30,
+                   help="optimizer steps per training stage (0: stop after the mix)")
+
+
+def run(args) -> int:
+    import json
+    import logging
+    import sys
+
+    from flows import demo
+    from flows.curate import summarize
+
+    # keep the console to the flow's own lines (the CLI logs at INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    r = demo.demo_flow(args.output, n=args.n, sets=args.overrides, log=log,
+                       train_steps=args.train_steps)
+    paths = r.curate["paths"]
+    log(f"funnel: {summarize(r.curate)}")
+    log(demo.MODEL_NOTE)
+    log(f"coreset:  {paths['coreset']}  ({r.curate['coreset_rows']:,} rows)")
+    log(f"images:   {paths['images']}")
+    log(f"rejects:  {paths['rejects']}  ({r.curate['rejected_rows']:,} rows, with stage and reason)")
+    log(f"manifest: {paths['manifest']}")
+    log(f"report:   {paths['report']}")
+    out = {"output": r.output, **paths}
+    mp = r.mix["paths"]
+    log(f"stage-1:  {mp['stage1']}  ({r.mix['stage1']['kept']:,} rows)")
+    log(f"mix:      {mp['mix']}  ({r.mix['mix']['kept']:,} rows; rejects {mp['mix_rejects']})")
+    log(f"training manifest: {mp['manifest']}")
+    out.update(stage1=mp["stage1"], mix=mp["mix"], mix_rejects=mp["mix_rejects"],
+               train_manifest=mp["manifest"])
+    if r.train is not None:
+        q = r.train["coreset_question"]
+        log(f"model:    {r.train['model']}")
+        log(f"ask it:   warren generate --checkpoint {r.train['model']} --image {q['image']} "
+            f"--prompt '{q['question']}'")
+        out.update(model=r.train["model"], answer=q["answer"], question_image=q["image"],
+                   metrics=r.train["stage2"]["metrics"], loss_plot=r.train["stage2"]["plot"])
+    log("done in " + ", ".join(f"{k} {v:.0f} s" for k, v in r.seconds.items() if k != "total")
+        + f": {r.seconds['total']:.0f} s in all; run folder {r.output}")
+    print(json.dumps(out))
+    return 0

@@ -1,0 +1,69 @@
+"""`warren demo` end to end (smaller pool), and the planted kinds' fates."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import polars as pl
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_warren_demo_command(prefect_api, tmp_path):
+    out = str(tmp_path / "demo")
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "demo", "--output", out, "--n", "400",
+                        "--set", "source.shard_rows=200", "--set", "select.k=6"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    paths = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "tiny randomly initialised open_clip model" in r.stderr
+    for k in ("coreset", "rejects", "manifest", "images", "report"):
+        assert os.path.exists(paths[k]), k
+    truth = pl.read_parquet(f"{out}/source/truth.parquet")
+    rej = pl.read_parquet(paths["rejects"])
+    core = pl.read_parquet(paths["coreset"])
+    assert len(core) + len(rej) == len(truth) == 400
+    fate = dict(rej.select("uid", "reason").iter_rows())
+    for kind, reason in (("dead_link", "dead_link"), ("corrupt", "corrupt_image")):
+        assert {fate[u] for u in truth.filter(pl.col("kind") == kind)["uid"]} == {reason}
+    # the planted near-duplicate copies: most are dropped as duplicates even by the random model
+    copies = truth.filter(pl.col("kind") == "near_duplicate")["uid"]
+    dropped = sum(fate.get(u) == "duplicate" for u in copies)
+    assert dropped >= 0.5 * len(copies), (dropped, len(copies))
+    assert "planted groups collapsed to one member" in r.stderr
+
+    # stage 1 = the coreset's captions; the mix = Bunny-695K at 1/500 on synthetic sources
+    from pipelines import manifest
+    man = manifest.load(paths["train_manifest"])          # verifies every sha256
+    assert set(man.doc["tables"]) == {"stage1", "mix"}
+    s1 = pl.read_parquet(paths["stage1"])
+    assert sorted(s1["id"]) == sorted(core["uid"])
+    assert man.images("stage1")["kind"] == "parquet" and man.images("mix")["kind"] == "files"
+    stats = json.load(open(f"{out}/mix/stats.json"))
+    assert stats["sources"]["svit-mix-665k"]["kept"] == 1250            # 625K x 0.002
+    assert stats["sources"]["svit-mix-665k"]["reasons"]["excluded"] == 80   # its ShareGPT part
+    assert stats["sources"]["wizardlm-evol-instruct-70k"]["kept"] == 140    # 70K x 0.002
+    mix = pl.read_parquet(paths["mix"])
+    mix_rej = pl.read_parquet(paths["mix_rejects"])
+    assert len(mix) == 1390 and len(mix) + len(mix_rej) == stats["input"]
+    assert mix.filter(~pl.col("has_image"))["image"].null_count() == int((~mix["has_image"]).sum())
+
+    # the trainer ran both stages on that manifest and answered a question
+    for stage in ("stage1", "stage2"):
+        rows = [json.loads(x) for x in open(f"{out}/train/{stage}/metrics.jsonl")]
+        assert [x["step"] for x in rows] == list(range(1, 31))
+        assert os.path.exists(f"{out}/train/{stage}/loss.png")
+    loss = [json.loads(x)["loss"] for x in open(paths["metrics"])]
+    assert sum(loss[-5:]) < sum(loss[:5])
+    assert {"warren_vlm.json", "projector.safetensors", "language_model"} <= set(os.listdir(paths["model"]))
+    assert isinstance(paths["answer"], str) and "Q: Describe the image concisely." in r.stderr
+    # the command the demo prints to ask the model again works as printed
+    g = subprocess.run([sys.executable, "-m", "flows.cli", "generate", "--checkpoint", paths["model"],
+                        "--image", paths["question_image"], "--prompt", "Describe the image concisely.",
+                        "--max-new-tokens", "16"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert g.returncode == 0, g.stderr[-2000:]
+    assert g.stdout.strip() == paths["answer"]
