@@ -14,7 +14,8 @@ Registered templates (in mllm.templates.REGISTRY):
   tinygptv          renders the identifier a record already carries (tag records with
                     pipelines.tasks); untagged and text-only records render as plain
                     instructions, as in TinyGPT-V's instruction stage
-  tinygptv-<task>   the same, and tags an untagged first human turn with <task>
+  tinygptv-<task>   the same, and tags an untagged first human turn that has the image
+                    with <task> (text-only turns stay untagged, as in pipelines.tasks.tag)
 
 The identifier is its own untrained segment, so the label mask stays exact: labels are
 the answer tokens and the end token, IGNORE_INDEX everywhere else, token by token.
@@ -64,7 +65,8 @@ class TaskTemplate(Template):
         first = next((t for t in out if t.get("from") == "human"), None)
         if first is None:
             return out
-        if self.task is not None and task_in(first["value"]) is None:
+        # Text-only turns stay plain instructions, as the mix builder leaves them.
+        if self.task is not None and "<image>" in first["value"] and task_in(first["value"]) is None:
             first["value"] = tag_text(first["value"], self.task)
         if self.require_task and "<image>" in first["value"] and task_in(first["value"]) is None:
             raise ConversationError(f"template '{self.name}' needs a task identifier "

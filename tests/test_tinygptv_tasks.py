@@ -95,6 +95,9 @@ def test_multi_turn_and_text_only_records_mask_every_answer():
     text = [{"from": "human", "value": "What is two plus two?"}, {"from": "gpt", "value": "four."}]
     ids, labels = get_template("tinygptv").encode(text, tok, N_IMG)
     assert tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]) == " four.<|endoftext|>"
+    # a task template leaves a text-only turn untagged, as the mix builder does
+    ids_vqa, labels_vqa = get_template("tinygptv-vqa").encode(text, tok, N_IMG)
+    assert (ids_vqa, labels_vqa) == (ids, labels) and "[vqa]" not in tok.decode(ids_vqa)
     assert "[" not in tok.decode(ids)
 
 

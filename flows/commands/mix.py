@@ -38,7 +38,9 @@ def run(args) -> int:
             stats["exported"] = export.to_llava(f"{args.output.rstrip('/')}/mix.parquet", args.export_llava)
     for name, s in stats["sources"].items():
         print(f"{name}: {s['input']:,} in -> {s['kept']:,} kept, {s['rejected']:,} rejected "
-              f"({', '.join(f'{k} {v:,}' for k, v in s['reasons'].items()) or 'none'})", file=sys.stderr)
+              f"({', '.join(f'{k} {v:,}' for k, v in s['reasons'].items()) or 'none'})"
+              + (f"; tasks: {', '.join(f'{k} {v:,}' for k, v in s['tasks'].items())}" if s.get("tasks") else ""),
+              file=sys.stderr)
     out = args.output.rstrip("/")
     summary = {"mix": f"{out}/mix.parquet", "rejects": f"{out}/rejects.parquet",
                "stats": f"{out}/stats.json", "manifest": f"{out}/manifest.json",

@@ -50,6 +50,7 @@ def run(args) -> int:
     stats = select.run(cfg, args.input, args.output, progress=not args.quiet)
     try:
         from pipelines import report
+        select.release_memory()
         report.write(args.output)
     except ImportError:
         pass
