@@ -42,11 +42,31 @@ def mix(h: np.ndarray, seed: int) -> np.ndarray:
 
 
 def _order(key, uids) -> np.ndarray:
-    """Row order by `key` descending, ties by uid ascending (uids: list, numpy or arrow)."""
-    t = pa.table({"k": pa.array(np.asarray(key, np.float64)),
-                  "u": uids if isinstance(uids, (pa.Array, pa.ChunkedArray))
-                  else pa.array(list(uids), pa.string())})
-    return pc.sort_indices(t, [("k", "descending"), ("u", "ascending")]).to_numpy()
+    """Row order by `key` descending, ties by uid ascending (uids: list, numpy or arrow).
+
+    A numpy sort of the keys; uids are read only for rows inside runs of equal keys, so
+    memory stays a few bytes per row instead of a sorted copy of every uid string."""
+    k = np.asarray(key, np.float64)
+    n = len(k)
+    order = np.argsort(-k, kind="stable")          # NaN keys last
+    sk = k[order]
+    same = (sk[1:] == sk[:-1]) | (np.isnan(sk[1:]) & np.isnan(sk[:-1]))
+    if not same.any():
+        return order
+    tied = np.zeros(n, bool)
+    tied[:-1] |= same
+    tied[1:] |= same
+    pos = np.flatnonzero(tied)                     # sorted positions inside tie runs
+    run = np.cumsum(np.r_[True, ~same])[pos]       # which run each belongs to
+    rows = order[pos]
+    if isinstance(uids, (pa.Array, pa.ChunkedArray)):
+        u = uids.take(pa.array(rows))
+    else:
+        u = pa.array([str(x) for x in np.asarray(uids, dtype=object)[rows]], pa.string())
+    within = pc.sort_indices(pa.table({"r": pa.array(run), "u": u}),
+                             [("r", "ascending"), ("u", "ascending")]).to_numpy()
+    order[pos] = rows[within]
+    return order
 
 
 def band(scores, uids, lo: float, hi: float) -> np.ndarray:

@@ -136,10 +136,10 @@ def _strings(values) -> pa.Array:
 
 def _rejects(uids, stage: str, reasons, kept=None) -> pa.Table:
     n = len(uids)
-    reasons = (pa.array(np.full(n, reasons, dtype=object), pa.string()) if isinstance(reasons, str)
-               else _strings(reasons))
+    reasons = pa.repeat(pa.scalar(reasons, pa.string()), n) if isinstance(reasons, str) \
+        else _strings(reasons)
     return pa.table({"uid": _strings(uids),
-                     "stage": pa.array(np.full(n, stage, dtype=object), pa.string()),
+                     "stage": pa.repeat(pa.scalar(stage, pa.string()), n),
                      "reason": reasons,
                      "kept_uid": _strings(kept) if kept is not None else pa.nulls(n, pa.string())},
                     schema=schemas.REJECTS)
@@ -412,8 +412,9 @@ def stage_finish(cfg: SelectConfig, source_dir: str, output_dir: str,
             idx = np.flatnonzero(alive)
             codes = bands.band(surv.column(col).take(idx).to_numpy(), uids.take(idx), *rng)
             out = idx[codes > 0]
-            band_rejects.append(_rejects(uids.take(out), stage,
-                                         np.where(codes[codes > 0] == 1, bands.ABOVE, bands.BELOW)))
+            # reason strings by index into a two-entry array: no Python str per row
+            why = pa.array([bands.ABOVE, bands.BELOW]).take(pa.array(codes[codes > 0] - 1))
+            band_rejects.append(_rejects(uids.take(out), stage, why))
             alive[out] = False
         funnel[stage] = {"in": n_in, "out": int(alive.sum())}
     idx = np.flatnonzero(alive)
