@@ -7,6 +7,7 @@ Both arms run the same pipeline in a fresh child process (peak RSS from wait4); 
 differ only in the pairwise step: Warren's int8-screened, symmetric, component-skipping
 blocks vs the SemDeDup approach, a float32 X @ X.T per cluster (row-chunked so that it
 fits in memory). Their coreset.parquet and rejects.parquet must be byte-identical.
+Both arms read the source from a warm page cache (it is read once before them).
 Pairwise GFLOP/s counts the flops of the full float32 product each cluster needs
 (2 d n_c^2), so the two figures compare like with like.
 """
@@ -36,6 +37,15 @@ def make_source(path: str, n: int, dim: int, seed: int) -> None:
     print(f"  synthetic source: {n:,} x {dim} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
 
 
+def warm_cache(path: str) -> None:
+    """Read the source once so that neither arm pays for the first, cold read of it."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                while f.read(1 << 26):
+                    pass
+
+
 def run_arm(src: str, out: str, method: str, k: int) -> dict:
     cmd = [sys.executable, "-m", "flows.cli", "select", "--input", src, "--output", out,
            "--k", str(k), "--method", method, "--quiet"]
@@ -54,7 +64,8 @@ def run_arm(src: str, out: str, method: str, k: int) -> dict:
             "dedup_s": d["seconds"], "pairwise_gflops": full_flops / d["seconds"] / 1e9,
             "executed_gflops": d["flops"] / d["seconds"] / 1e9, "skipped_blocks": d["skipped_blocks"],
             "rechecked": d["rechecked"], "largest_cluster": d["largest_cluster"],
-            "coreset_rows": stats["coreset_rows"], "stage_s": stats.get("seconds", {})}
+            "coreset_rows": stats["coreset_rows"], "stage_s": stats.get("seconds", {}),
+            "stage_peak_rss_gb": stats.get("peak_rss_gb", {})}
 
 
 def same_bytes(a: str, b: str) -> bool:
@@ -80,6 +91,7 @@ def main() -> None:
     make_source(src, a.n, a.dim, a.seed)
     k = max(1, round(a.n / 20_000))
     runs = {}
+    warm_cache(src)
     for method in ("int8", "baseline"):
         out = tempfile.mkdtemp(prefix=f"sel-{method}-", dir=work)
         print(f"  running {method} arm on {a.n:,} rows (k={k})", file=sys.stderr)
@@ -97,16 +109,22 @@ def main() -> None:
         print(f"{label:28}{w[key]:12.2f}{b[key]:12.2f}{ratio:8.2f}x")
     print(f"executed GFLOP/s (warren int8, upper triangle): {w['executed_gflops']:.1f}; "
           f"blocks skipped {w['skipped_blocks']}, pairs rechecked exactly {w['rechecked']:,}")
+    for name, r in (("warren", w), ("baseline", b)):
+        print(f"stage seconds, {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["stage_s"].items()))
     print(f"identical keep/drop decisions (coreset + rejects bytes): {identical}")
     result = {"n": a.n, "dim": a.dim, "k": k, "warren": w, "baseline": b, "identical": identical}
     if a.scale_n:
         ssrc = os.path.join(work, f"src-{a.scale_n}-{a.dim}")
         make_source(ssrc, a.scale_n, a.dim, a.seed)
         sk = max(1, round(a.scale_n / 20_000))
+        warm_cache(ssrc)
         s = run_arm(ssrc, tempfile.mkdtemp(prefix="sel-scale-", dir=work), "int8", sk)
         print(f"\nscale: {a.scale_n:,} rows (k={sk}): {s['rows_per_s']:,.0f} rows/s, peak RSS "
               f"{s['peak_rss_gb']:.2f} GB ({s['peak_rss_gb'] / w['peak_rss_gb']:.2f}x the "
               f"{a.n:,}-row run for {a.scale_n / a.n:.0f}x the rows)")
+        for name, r in ((f"{a.n:,}", w), (f"{a.scale_n:,}", s)):
+            print(f"peak RSS (GB) as of the end of each stage, {name} rows: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in r["stage_peak_rss_gb"].items()))
         result["scale"] = s
     if a.json:
         with open(a.json, "w") as f:

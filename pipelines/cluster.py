@@ -27,9 +27,14 @@ def _faiss():
     return faiss
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
+def unit(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows scaled to unit L2 norm, float32 (einsum for the norms: a tenth of the time
+    of np.linalg.norm over rows). `out=x` scales a float32 array in place."""
     x = np.ascontiguousarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    norm = np.sqrt(np.einsum("ij,ij->i", x, x))
+    if out is not None and (out.dtype != np.float32 or not out.flags.writeable):
+        out = None
+    return np.divide(x, np.maximum(norm, 1e-12)[:, None], out=out)
 
 
 @dataclass
@@ -87,7 +92,7 @@ def train(sample: np.ndarray, k: int, seed: int = 0, niter: int = 20,
           two_level: bool = False, nprobe: int = 8, refine: int = 4) -> Centroids:
     """Spherical k-means on `sample` (rows L2-normalised). Deterministic for a given
     sample order and seed."""
-    x = _unit(sample)
+    x = unit(sample)
     if k < 1 or k > len(x):
         raise InputError(f"k={k} clusters need at least k valid samples; have {len(x)}",
                          field="k")
@@ -104,8 +109,8 @@ def train(sample: np.ndarray, k: int, seed: int = 0, niter: int = 20,
             continue
         pts = x[cell == c]
         fine.append(_kmeans(pts, int(share[c]), seed + c + 1, niter) if share[c] > 1
-                    else _unit(pts.mean(0, keepdims=True)))
-    cents = Centroids(_unit(np.concatenate(fine)), coarse, nprobe)
+                    else unit(pts.mean(0, keepdims=True)))
+    cents = Centroids(unit(np.concatenate(fine)), coarse, nprobe)
     # Each fine k-means saw only its own cell: a few global Lloyd steps over all fine
     # centroids (assignment through the IVF index) undo most of the boundary damage.
     for _ in range(refine):
@@ -114,7 +119,7 @@ def train(sample: np.ndarray, k: int, seed: int = 0, niter: int = 20,
                             shape=(cents.k, len(x)))
         sums = np.asarray(member @ x)
         filled = np.bincount(lab, minlength=cents.k) > 0
-        cents.fine[filled] = _unit(sums[filled])
+        cents.fine[filled] = unit(sums[filled])
     return cents
 
 
@@ -144,7 +149,7 @@ def _kmeans(x: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
                       max_points_per_centroid=max(256, math.ceil(len(x) / k)),
                       min_points_per_centroid=1)
     km.train(x)
-    return _unit(km.centroids)
+    return unit(km.centroids)
 
 
 def _nearest(centroids: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -155,10 +160,11 @@ def _nearest(centroids: np.ndarray, x: np.ndarray) -> np.ndarray:
     return lab[:, 0]
 
 
-def assign(centroids: Centroids, x: np.ndarray, index=None) -> tuple[np.ndarray, np.ndarray]:
+def assign(centroids: Centroids, x: np.ndarray, index=None,
+           normalized: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(cluster id, cosine to that normalised centroid) for each row of x."""
     idx = index if index is not None else centroids.index()
-    xs = _unit(x)
+    xs = np.ascontiguousarray(x, np.float32) if normalized else unit(x)
     _, lab = idx.search(xs, 1)
     lab = lab[:, 0].astype(np.int32)
     # exact cosine to the chosen centroid (the index may return approximate scores)

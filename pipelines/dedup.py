@@ -26,6 +26,8 @@ Keep = Literal["middle", "far", "near", "random"]
 
 BLOCK = 2048
 SMALL = 256         # below this many rows an exact float32 product is cheaper than int8 set-up
+CHUNK = 8192        # rows per float32 temporary in quantize (25 MB at d = 768)
+EDGE_ROWS = 256     # rows of a block scanned for edges at once
 
 
 @dataclass
@@ -79,13 +81,43 @@ def _merge_block(labels: np.ndarray, ii: np.ndarray, jj: np.ndarray, i0: int, i1
     return _merge(labels, lab[:-1][same], lab[1:][same])
 
 
+class _Edges:
+    """Edges on their way into the labels. A merge builds a sparse graph (~1 ms), so the
+    edges of sparse blocks (the usual case) are merged in batches; a dense block (a big
+    near-duplicate group) is merged at once, so that later blocks inside the group can
+    be skipped. Pending edges only delay skipping; they never change the components."""
+
+    def __init__(self, labels: np.ndarray, limit: int):
+        self.labels, self.limit = labels, limit
+        self.u: list[np.ndarray] = []
+        self.v: list[np.ndarray] = []
+        self.pending = 0
+
+    def add(self, ii, jj, i0, i1, j0, j1) -> None:
+        if len(ii) > 2 * (i1 - i0):
+            self.flush()
+            self.labels = _merge_block(self.labels, ii, jj, i0, i1, j0, j1)
+            return
+        self.u.append(ii)
+        self.v.append(jj)
+        self.pending += len(ii)
+        if self.pending >= self.limit:
+            self.flush()
+
+    def flush(self) -> np.ndarray:
+        if self.pending:
+            self.labels = _merge(self.labels, np.concatenate(self.u), np.concatenate(self.v))
+            self.u, self.v, self.pending = [], [], 0
+        return self.labels
+
+
 def _exact(x: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     """float64 dot products of row pairs (the ground truth for near-threshold pairs)."""
     out = np.empty(len(i))
-    for s in range(0, len(i), 65_536):
-        a = x[i[s:s + 65_536]].astype(np.float64)
-        b = x[j[s:s + 65_536]].astype(np.float64)
-        out[s:s + 65_536] = np.einsum("ij,ij->i", a, b)
+    for s in range(0, len(i), 8192):       # 8192 pairs x d=768: 50 MB of float64 per side
+        a = x[i[s:s + 8192]].astype(np.float64)
+        b = x[j[s:s + 8192]].astype(np.float64)
+        out[s:s + 8192] = np.einsum("ij,ij->i", a, b)
     return out
 
 
@@ -119,10 +151,11 @@ def _components_float(x, threshold, block, labels, st):
     xf = np.ascontiguousarray(x, np.float32)
     n = len(xf)
     nb = (n + block - 1) // block
+    edges = _Edges(labels, 4 * block)
     for bi, bj in _block_order(nb):
         i0, i1 = bi * block, min(n, (bi + 1) * block)
         j0, j1 = bj * block, min(n, (bj + 1) * block)
-        if _one_component(labels, i0, i1, j0, j1):
+        if _one_component(edges.labels, i0, i1, j0, j1):
             st.skipped_blocks += 1
             continue
         sim = xf[i0:i1] @ xf[j0:j1].T
@@ -138,8 +171,8 @@ def _components_float(x, threshold, block, labels, st):
             st.rechecked += len(ii)
             ii, jj = ii[ok], jj[ok]
             st.edges += len(ii)
-            labels = _merge_block(labels, ii, jj, i0, i1, j0, j1)
-    return labels
+            edges.add(ii, jj, i0, i1, j0, j1)
+    return edges.flush()
 
 
 def _components_baseline(x, threshold, block, labels, st):
@@ -148,6 +181,7 @@ def _components_baseline(x, threshold, block, labels, st):
     no skipping, edges read off the thresholded matrix."""
     xf = np.ascontiguousarray(x, np.float32)
     n = len(xf)
+    edges = _Edges(labels, 4 * block)
     for i0 in range(0, n, block):
         sim = xf[i0:i0 + block] @ xf.T
         st.blocks += 1
@@ -157,8 +191,8 @@ def _components_baseline(x, threshold, block, labels, st):
         keep = jj > ii
         st.edges += int(keep.sum())
         if keep.any():
-            labels = _merge_block(labels, ii[keep], jj[keep], i0, min(n, i0 + block), 0, n)
-    return labels
+            edges.add(ii[keep], jj[keep], i0, min(n, i0 + block), 0, n)
+    return edges.flush()
 
 
 def _one_component(labels, i0, i1, j0, j1) -> bool:
@@ -167,29 +201,33 @@ def _one_component(labels, i0, i1, j0, j1) -> bool:
     return bool((a == first).all() and (b == first).all())
 
 
-CHUNK = 32_768
-
-
-def quantize(x: np.ndarray) -> tuple[np.ndarray, float]:
+def quantize(x: np.ndarray) -> tuple[np.ndarray, float, float]:
     """int8 rows with one scale for the whole cluster (padded to a multiple of 8 columns,
-    as torch's int8 GEMM wants). Works in chunks: no float32 copy of a big cluster."""
+    as torch's int8 GEMM wants), the scale, and the largest row L1 norm (for the error
+    bound). Works in float32 chunks through torch (numpy's float16 arithmetic is scalar
+    and was a tenth of the dedup stage): no float32 copy of a big cluster."""
+    import torch
+
     n, d = x.shape
-    amax = max((float(np.abs(x[s:s + CHUNK]).max()) for s in range(0, n, CHUNK)), default=0.0)
+    amax = 0.0
+    for s in range(0, n, CHUNK):
+        lo, hi = torch.aminmax(torch.from_numpy(np.ascontiguousarray(x[s:s + CHUNK])))
+        amax = max(amax, -float(lo), float(hi))
     scale = amax / 127.0 or 1.0
     q = np.zeros((n, d + (-d) % 8), np.int8)
+    qt = torch.from_numpy(q)
+    l1 = 0.0
     for s in range(0, n, CHUNK):
-        q[s:s + CHUNK, :d] = np.rint(np.asarray(x[s:s + CHUNK], np.float32) / scale)
-    return q, scale
+        a = torch.from_numpy(np.ascontiguousarray(x[s:s + CHUNK])).float()
+        l1 = max(l1, float(a.abs().sum(1).max()))
+        qt[s:s + CHUNK, :d] = torch.round(a / scale).to(torch.int8)   # half to even, as np.rint
+    return q, scale, l1
 
 
-def error_bound(x: np.ndarray, scale: float) -> float:
-    """Largest possible |a.b - scale^2 * qa.qb| over row pairs of x.
-
-    With |a_i - s*qa_i| <= s/2: |a.b - s^2 qa.qb| <= s/2 (|a|_1 + |b|_1) + d s^2 / 4.
+def error_bound(l1: float, d: int, scale: float) -> float:
+    """Largest possible |a.b - scale^2 * qa.qb| over row pairs, given the largest row L1
+    norm `l1`. With |a_i - s*qa_i| <= s/2: |a.b - s^2 qa.qb| <= s/2 (|a|_1 + |b|_1) + d s^2 / 4.
     """
-    l1 = max(float(np.abs(np.asarray(x[s:s + CHUNK], np.float32)).sum(1).max())
-             for s in range(0, len(x), CHUNK))
-    d = x.shape[1]
     return float(scale * l1 + d * scale * scale / 4.0) * 1.0001 + 1e-6
 
 
@@ -197,49 +235,60 @@ def _components_int8(x, threshold, block, labels, st):
     import torch
 
     n, d = x.shape
-    q, scale = quantize(x)
-    bound = error_bound(x, scale)
+    q, scale, l1 = quantize(x)
+    bound = error_bound(l1, d, scale)
     s2 = scale * scale
     lo = int(np.floor((threshold - bound) / s2))    # q.q <= lo  => cos <= threshold: no edge
     hi = int(np.ceil((threshold + bound) / s2))     # q.q >  hi  => cos >  threshold: edge
     qt = torch.from_numpy(q)
     nb = (n + block - 1) // block
-    cols = [qt[j * block:(j + 1) * block].T.contiguous() for j in range(nb)]  # once, not per block
-    # torch's int8 GEMM wants at least 17 rows: pad a short last block with zero rows
-    # (their products are 0, far below any positive threshold).
+    buf = torch.empty(max(min(block, n), 17) * min(block, n), dtype=torch.int32)
+    edges = _Edges(labels, 4 * block)
     for bi, bj in _block_order(nb):
         i0, i1 = bi * block, min(n, (bi + 1) * block)
         j0, j1 = bj * block, min(n, (bj + 1) * block)
-        if _one_component(labels, i0, i1, j0, j1):
+        if _one_component(edges.labels, i0, i1, j0, j1):
             st.skipped_blocks += 1
             continue
-        a, b = qt[i0:i1], cols[bj]
+        # The transposed view goes to the GEMM as is (as fast as a contiguous copy).
+        # torch's int8 GEMM wants at least 17 rows: pad a short block with zero rows
+        # (their products are 0, far below any positive threshold).
+        a = qt[i0:i1]
         if len(a) < 17:
             a = torch.nn.functional.pad(a, (0, 0, 0, 17 - len(a)))
-        # numpy's reductions over the int32 result are ~8x faster than torch's here
-        c = torch._int_mm(a, b)[: i1 - i0].numpy()
+        # One output buffer for all blocks: a fresh 16 MB result per block fragments
+        # glibc's heap (its mmap threshold adapts upwards) and RSS climbs block by block.
+        out = buf[: len(a) * (j1 - j0)].view(len(a), j1 - j0)
+        ct = torch._int_mm(a, qt[j0:j1].T, out=out)[: i1 - i0]
+        if bi == bj:
+            ct.fill_diagonal_(lo)     # self-products are no edges; now few rows pass below
+        c = ct.numpy()
         st.blocks += 1
         st.flops += 2.0 * (i1 - i0) * (j1 - j0) * d
         # Rows first: near-duplicates are rare, so only a few rows need a full scan.
-        rows = np.flatnonzero(c.max(axis=1) > lo)
+        rows = np.flatnonzero(ct.amax(1).numpy() > lo)
         if not len(rows):
             continue
-        sub = c[rows]
-        ri, jj = np.nonzero(sub > lo)
-        vals = sub[ri, jj]
-        ii, jj = rows[ri] + i0, jj + j0
-        keep = jj > ii
-        ii, jj, vals = ii[keep], jj[keep], vals[keep]
-        unsure = vals <= hi
-        if unsure.any():
-            st.rechecked += int(unsure.sum())
-            ok = ~unsure
-            ok[unsure] = _exact(x, ii[unsure], jj[unsure]) > threshold
-            ii, jj = ii[ok], jj[ok]
-        st.edges += len(ii)
-        if len(ii):
-            labels = _merge_block(labels, ii, jj, i0, i1, j0, j1)
-    return labels
+        # A few rows at a time: a block inside a big near-duplicate group has millions
+        # of edges, and their index arrays would otherwise set the stage's peak memory.
+        for r0 in range(0, len(rows), EDGE_ROWS):
+            rr = rows[r0:r0 + EDGE_ROWS]
+            sub = c[rr]
+            ri, jj = np.nonzero(sub > lo)
+            vals = sub[ri, jj]
+            ii, jj = rr[ri] + i0, jj + j0
+            keep = jj > ii
+            ii, jj, vals = ii[keep], jj[keep], vals[keep]
+            unsure = vals <= hi
+            if unsure.any():
+                st.rechecked += int(unsure.sum())
+                ok = ~unsure
+                ok[unsure] = _exact(x, ii[unsure], jj[unsure]) > threshold
+                ii, jj = ii[ok], jj[ok]
+            st.edges += len(ii)
+            if len(ii):
+                edges.add(ii, jj, i0, i1, j0, j1)
+    return edges.flush()
 
 
 def choose(labels: np.ndarray, centroid_cos: np.ndarray, uids: np.ndarray, keep: Keep,

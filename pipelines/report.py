@@ -19,6 +19,7 @@ import io
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipelines import bands, storage
 
@@ -51,7 +52,9 @@ def build(run_dir: str) -> str:
     man = _json(storage.join(run_dir, "manifest.json")) or {}
     cfg = stats.get("config", {})
     funnel = ordered_funnel(curate.get("funnel") or stats.get("funnel") or {})
-    rejects = _table(storage.join(run_dir, "rejects.parquet"))
+    # Only the columns each section needs: rejects has a row per dropped input row, and
+    # the uid strings are most of its size.
+    rejects = _table(storage.join(run_dir, "rejects.parquet"), ["stage", "reason"])
     coreset = _table(storage.join(run_dir, "coreset.parquet"))
     parts = [_head(run_dir, man, stats)]
     random_init = (man.get("curate") or {}).get("random_init_model")
@@ -74,7 +77,7 @@ def build(run_dir: str) -> str:
         parts.append(_bands_section(surv, cfg))
     images = _image_sources(run_dir, man)
     if rejects is not None:
-        parts.append(_dups_section(rejects, images, coreset))
+        parts.append(_dups_section(_dedup_rejects(run_dir), images, coreset))
     if coreset is not None:
         parts.append(_samples_section(coreset, images))
     return _page("".join(parts), run_dir)
@@ -90,6 +93,19 @@ def _json(path: str):
 
 def _table(path: str, columns=None) -> pa.Table | None:
     return storage.read_table(path, columns=columns) if storage.exists(path) else None
+
+
+def _dedup_rejects(run_dir: str) -> pa.Table:
+    """uid, kept_uid of the duplicate rejects, read a row group at a time (the other
+    stages' rows never come into memory)."""
+    fs, p = storage.filesystem(storage.join(run_dir, "rejects.parquet"))
+    with fs.open(p, "rb") as f:
+        pf = pq.ParquetFile(f)
+        parts = [b.filter(pc.equal(b.column("stage"), "dedup")).select(["uid", "kept_uid"])
+                 for b in (pf.read_row_group(i, columns=["stage", "uid", "kept_uid"])
+                           for i in range(pf.num_row_groups))]
+    return pa.concat_tables(parts) if parts else pa.table({"uid": pa.array([], pa.string()),
+                                                           "kept_uid": pa.array([], pa.string())})
 
 
 def _survivors(run_dir: str) -> pa.Table | None:
@@ -175,10 +191,10 @@ def _funnel_section(funnel: dict) -> str:
 
 
 def _reasons_section(rejects: pa.Table) -> str:
-    g = rejects.group_by(["stage", "reason"]).aggregate([("uid", "count")]).to_pylist()
-    g.sort(key=lambda r: (r["stage"], -r["uid_count"]))
+    g = rejects.group_by(["stage", "reason"]).aggregate([([], "count_all")]).to_pylist()
+    g.sort(key=lambda r: (r["stage"], -r["count_all"]))
     rows = "".join(f"<tr><td>{html.escape(r['stage'])}</td><td>{html.escape(r['reason'])}</td>"
-                   f"<td class='n'>{r['uid_count']:,}</td></tr>" for r in g)
+                   f"<td class='n'>{r['count_all']:,}</td></tr>" for r in g)
     return _section("Rejects by stage and reason",
                     "<table><tr><th>stage</th><th>reason</th><th>rows</th></tr>" + rows + "</table>",
                     f"{rejects.num_rows:,} rejected rows in rejects.parquet; each input uid is in "
@@ -209,13 +225,17 @@ def _bands_section(surv: pa.Table, cfg: dict) -> str:
                     "band's survivors (bands are chained); the shaded span is what each band kept.")
 
 
-def _dups_section(rejects: pa.Table, images: _Images, coreset) -> str:
-    d = rejects.filter(pc.equal(rejects.column("stage"), "dedup"))
+def _dups_section(d: pa.Table, images: _Images, coreset) -> str:
+    """`d`: uid, kept_uid of the duplicate rejects."""
     if not d.num_rows:
         return _section("Duplicate groups", "<p>No duplicates were found.</p>")
+    # the largest groups by counting first; member lists only for those
+    sizes = d.group_by("kept_uid").aggregate([("uid", "count")])
+    n_groups = sizes.num_rows
+    top = sizes.sort_by([("uid_count", "descending"), ("kept_uid", "ascending")]).slice(0, MAX_GROUPS)
+    d = d.filter(pc.is_in(d.column("kept_uid"), top.column("kept_uid")))
     g = d.group_by("kept_uid").aggregate([("uid", "list")]).to_pylist()
     g.sort(key=lambda r: (-len(r["uid_list"]), r["kept_uid"]))
-    g = g[:MAX_GROUPS]
     want = [r["kept_uid"] for r in g] + [u for r in g for u in sorted(r["uid_list"])[:MAX_MEMBERS - 1]]
     blobs = images.get(want)
     rows = []
@@ -226,8 +246,9 @@ def _dups_section(rejects: pa.Table, images: _Images, coreset) -> str:
         more = len(r["uid_list"]) + 1 - len(members)
         tail = f"<span class='more'>+{more} more</span>" if more > 0 else ""
         rows.append(f"<div class='group'>{''.join(cells)}{tail}</div>")
-    note = (f"The {len(g)} largest of {d.group_by('kept_uid').aggregate([]).num_rows:,} groups "
-            f"({d.num_rows:,} rows dropped as duplicates); the kept member has a green frame.")
+    dropped = int(pc.sum(sizes.column("uid_count")).as_py())
+    note = (f"The {len(g)} largest of {n_groups:,} groups ({dropped:,} rows dropped as "
+            "duplicates); the kept member has a green frame.")
     if not blobs:
         note += " This run has no images to show (embeddings-only input)."
     return _section("Duplicate groups", "".join(rows), note)

@@ -17,7 +17,9 @@ import dataclasses
 import gc
 import json
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -28,7 +30,7 @@ import pyarrow.parquet as pq
 
 from pipelines import bands, cluster, dedup, manifest, schemas, storage
 from pipelines.errors import ConfigError, InputError, WarrenError
-from pipelines.readers import EmbeddingSource, open_source
+from pipelines.readers import EmbeddingSource, open_source, row_flags, to_float16
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +126,6 @@ def _source(cfg: SelectConfig, src: str) -> EmbeddingSource:
     return open_source(src, cfg.uid_column)
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def _strings(values) -> pa.Array:
     if isinstance(values, pa.ChunkedArray):
         return values.combine_chunks()
@@ -190,27 +188,29 @@ def stage_validate(cfg: SelectConfig, source_dir: str, output_dir: str, shard: i
     sh = src.shards[shard]
     uids = src.uids(sh)
     code = np.zeros(sh.rows, np.int8)
-    for b in src.batches(sh, cfg.batch_rows):
+    for b in src.batches(sh, cfg.batch_rows, native=True):
         s, e = b.start, b.start + len(b.img)
         c = np.zeros(e - s, np.int8)
         if b.bad_dim is not None:
             c[b.bad_dim] = 1
-        fin = np.isfinite(b.img).all(1)
+        fin, nonzero = row_flags(b.img)
         c[(c == 0) & ~fin] = 2
-        c[(c == 0) & (np.abs(np.where(fin[:, None], b.img, 0)).max(1) == 0)] = 3
+        c[(c == 0) & ~nonzero] = 3
         if b.txt is not None and cfg.clip_band is not None:
-            tfin = np.isfinite(b.txt).all(1)
-            c[(c == 0) & ~tfin] = 4
-            c[(c == 0) & (np.abs(np.where(tfin[:, None], b.txt, 0)).max(1) == 0)] = 5
+            fin, nonzero = row_flags(b.txt)
+            c[(c == 0) & ~fin] = 4
+            c[(c == 0) & ~nonzero] = 5
         code[s:e] = c
     ok = code == 0
     rows = np.flatnonzero(ok)
-    valid = pa.table({"uid": pa.array(uids[rows].tolist(), pa.string()),
-                      "row": pa.array(rows, pa.int64()),
-                      "hash": pa.array(bands.uid_hash(uids[rows]).view(np.int64))})
+    good = uids.take(rows)
+    valid = pa.table({"uid": good, "row": pa.array(rows, pa.int64()),
+                      "hash": pa.array(bands.uid_hash_arrow(good).view(np.int64))})
     storage.write_table(valid, _w(output_dir, "valid", f"s{shard:05d}.parquet"))
     bad = np.flatnonzero(~ok)
-    rej = _rejects(uids[bad], "validate", [REASONS[int(c)] for c in code[bad]])
+    why = pa.array([REASONS.get(i) for i in range(6)], pa.string()).take(
+        pa.array(code[bad].astype(np.int64)))
+    rej = _rejects(uids.take(bad), "validate", why)
     storage.write_table(rej, _w(output_dir, "rejects", f"validate-s{shard:05d}.parquet"),
                         schemas.REJECTS)
     counts = {REASONS[int(c)]: int((code == c).sum()) for c in np.unique(code[bad])}
@@ -268,7 +268,7 @@ def stage_train(cfg: SelectConfig, source_dir: str, output_dir: str) -> dict:
         rows = t.column("row").to_numpy()[pick]
         order = np.argsort(rows)
         batch = next(src.batches(src.shards[s], rows=rows[order]))
-        parts.append(_unit(batch.img))
+        parts.append(cluster.unit(batch.img))
         part_keys.append(key[pick][order])
     x = np.concatenate(parts)
     x = x[np.argsort(np.concatenate(part_keys), kind="stable")]
@@ -293,7 +293,7 @@ def stage_assign(cfg: SelectConfig, source_dir: str, output_dir: str, shard: int
     sh = src.shards[shard]
     valid = storage.read_table(_w(output_dir, "valid", f"s{shard:05d}.parquet"))
     vrows = valid.column("row").to_numpy()
-    vuids = np.asarray(valid.column("uid").to_pylist(), dtype=object)
+    vuids = _strings(valid.column("uid"))
     vhash = valid.column("hash").to_numpy()
     cents = cluster.Centroids.load(_w(output_dir, "centroids.npz"))
     index = cents.index()
@@ -316,23 +316,32 @@ def stage_assign(cfg: SelectConfig, source_dir: str, output_dir: str, shard: int
             if lo == hi:
                 continue
             local = vrows[lo:hi] - batch.start
-            img = _unit(batch.img[local])
-            lab, cos = cluster.assign(cents, img, index)
-            clip = (np.einsum("ij,ij->i", img, _unit(batch.txt[local])).astype(np.float32)
-                    if batch.txt is not None else np.full(len(local), np.nan, np.float32))
+            # the batch is a fresh float32 array: take and scale rows in place
+            img = batch.img if hi - lo == len(batch.img) else batch.img[local]
+            img = cluster.unit(img, out=img)
+            lab, cos = cluster.assign(cents, img, index, normalized=True)
+            if batch.txt is not None:
+                txt = batch.txt if hi - lo == len(batch.txt) else batch.txt[local]
+                clip = np.einsum("ij,ij->i", img, cluster.unit(txt, out=txt)).astype(np.float32)
+            else:
+                clip = np.full(len(local), np.nan, np.float32)
+            # rows grouped by bucket once, then each bucket's part is a slice
             bucket = lab % nb
-            for b in np.unique(bucket):
-                m = bucket == b
-                pw, fvec = writer(int(b))
-                pw.write_table(pa.table({
-                    "uid": pa.array(vuids[lo:hi][m].tolist(), pa.string()),
-                    "shard": pa.array(np.full(m.sum(), shard, np.int32)),
-                    "row": pa.array(vrows[lo:hi][m]), "cluster": pa.array(lab[m]),
-                    "centroid_cos": pa.array(cos[m]), "clip_score": pa.array(clip[m]),
-                    "uid_hash": pa.array(vhash[lo:hi][m])},
-                    schema=schemas.ASSIGNMENTS))
-                fvec.write(np.ascontiguousarray(img[m], np.float16).tobytes())
-                counts[b] += int(m.sum())
+            order = np.argsort(bucket, kind="stable")
+            img16 = to_float16(img[order])
+            cols = {"uid": vuids.slice(lo, hi - lo).take(order),
+                    "shard": np.full(len(order), shard, np.int32), "row": vrows[lo:hi][order],
+                    "cluster": lab[order], "centroid_cos": cos[order], "clip_score": clip[order],
+                    "uid_hash": vhash[lo:hi][order]}
+            sb = bucket[order]
+            cuts = np.flatnonzero(np.r_[True, sb[1:] != sb[:-1], True])
+            for s, e in zip(cuts[:-1], cuts[1:]):
+                b = int(sb[s])
+                pw, fvec = writer(b)
+                pw.write_table(pa.table({k: v[s:e] for k, v in cols.items()},
+                                        schema=schemas.ASSIGNMENTS))
+                fvec.write(img16[s:e].tobytes())
+                counts[b] += int(e - s)
     info = {"shard": shard, "rows": int(len(vrows)), "buckets_written": int((counts > 0).sum())}
     storage.mark_done(_w(output_dir), name, info)
     return info
@@ -346,26 +355,21 @@ def stage_dedup(cfg: SelectConfig, source_dir: str, output_dir: str, bucket: int
     p = _plan(output_dir)
     d = p["dim"]
     parts = storage.listdir(_w(output_dir, "assign", f"b{bucket:05d}"), "s*.parquet")
-    tables, vecs = [], []
-    for part in parts:
-        t = storage.read_table(part)
-        fs, path = storage.filesystem(part[:-len(".parquet")] + ".f16")
-        with fs.open(path, "rb") as f:
-            v = np.frombuffer(f.read(), np.float16).reshape(-1, d)
-        if len(v) != t.num_rows:
-            raise WarrenError(f"{part}: {t.num_rows} rows but {len(v)} vectors; "
-                              "delete its completion marker and rerun")
-        tables.append(t)
-        vecs.append(v)
+    tables = [storage.read_table(part) for part in parts]
+    vectors = _PartVectors([part[:-len(".parquet")] + ".f16" for part in parts],
+                           [t.num_rows for t in tables], d)
     st = dedup.PairStats()
-    empty = schemas.ASSIGNMENTS.empty_table()
-    t = pa.concat_tables(tables) if tables else empty
-    x = np.concatenate(vecs) if vecs else np.zeros((0, d), np.float16)
-    uids = np.asarray(t.column("uid").to_pylist(), dtype=object)
+    t = pa.concat_tables(tables) if tables else schemas.ASSIGNMENTS.empty_table()
+    uid_col = _strings(t.column("uid"))
     cl = t.column("cluster").to_numpy()
     cos = t.column("centroid_cos").to_numpy()
-    order = np.lexsort((uids, cl))
-    kept = np.arange(len(uids))
+    # Arrow sorts the strings; below, a row's rank in this order stands in for its uid
+    # (same order inside a cluster) so no Python string is made per row.
+    order = pc.sort_indices(pa.table({"c": cl, "u": uid_col}),
+                            [("c", "ascending"), ("u", "ascending")]).to_numpy()
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    kept = np.arange(len(order))
     starts = np.flatnonzero(np.r_[True, cl[order][1:] != cl[order][:-1]]) if len(order) else []
     t0 = time.perf_counter()
     largest = 0
@@ -373,24 +377,66 @@ def stage_dedup(cfg: SelectConfig, source_dir: str, output_dir: str, bucket: int
         idx = order[s:e]
         largest = max(largest, len(idx))
         if cfg.policy == "bunny":
-            lab = dedup.components(x[idx], cfg.threshold, cfg.block, cfg.method, st)
-            k_local = dedup.choose(lab, cos[idx], uids[idx], cfg.keep, cfg.seed)
+            x = vectors.rows(idx)
+            lab = dedup.components(x, cfg.threshold, cfg.block, cfg.method, st)
+            # `random` hashes the component's smallest uid, so it needs the strings
+            names = (np.asarray(uid_col.take(idx).to_pylist(), dtype=object)
+                     if cfg.keep == "random" else rank[idx])
+            k_local = dedup.choose(lab, cos[idx], names, cfg.keep, cfg.seed)
         else:
             eps = cfg.eps if cfg.eps is not None else 1.0 - cfg.threshold
-            k_local = dedup.semdedup(x[idx], cos[idx], uids[idx], eps, cfg.keep, cfg.block, st)
+            k_local = dedup.semdedup(vectors.rows(idx), cos[idx], rank[idx], eps, cfg.keep,
+                                     cfg.block, st)
         kept[idx] = idx[k_local]
     seconds = time.perf_counter() - t0
-    survive = kept == np.arange(len(uids))
+    survive = kept == np.arange(len(order))
     storage.write_table(t.filter(pa.array(survive)),
                         _w(output_dir, "dedup", f"b{bucket:05d}.parquet"), schemas.ASSIGNMENTS)
     drop = np.flatnonzero(~survive)
-    storage.write_table(_rejects(uids[drop], "dedup", "duplicate", uids[kept[drop]]),
+    storage.write_table(_rejects(uid_col.take(drop), "dedup", "duplicate", uid_col.take(kept[drop])),
                         _w(output_dir, "rejects", f"dedup-b{bucket:05d}.parquet"), schemas.REJECTS)
-    info = {"bucket": bucket, "rows": int(len(uids)), "kept": int(survive.sum()),
+    info = {"bucket": bucket, "rows": int(len(order)), "kept": int(survive.sum()),
             "largest_cluster": int(largest), "seconds": round(seconds, 4),
             **dataclasses.asdict(st)}
     storage.mark_done(_w(output_dir), name, info)
     return info
+
+
+class _PartVectors:
+    """The float16 vectors of one bucket's parts, read a cluster at a time: local parts
+    are memory-mapped only while a cluster's rows are copied out, so memory follows the
+    largest cluster, not the bucket (which grows with the input)."""
+
+    def __init__(self, paths: list[str], rows: list[int], dim: int):
+        self.paths, self.counts, self.dim = paths, rows, dim
+        self.part = np.repeat(np.arange(len(paths)), rows)
+        self.offset = np.concatenate([np.arange(r) for r in rows]) if rows else np.zeros(0, int)
+        self.loaded: dict[int, np.ndarray] = {}
+        for i, (path, n) in enumerate(zip(paths, rows)):
+            fs, fp = storage.filesystem(path)
+            if fs.size(fp) != n * dim * 2:
+                raise WarrenError(f"{path}: {fs.size(fp) // (dim * 2)} vectors for {n} rows; "
+                                  "delete its assign completion marker and rerun")
+            if not storage.is_local(path):   # no memory map: read each part once
+                with fs.open(fp, "rb") as f:
+                    self.loaded[i] = np.frombuffer(f.read(), np.float16).reshape(n, dim)
+
+    def _open(self, i: int) -> np.ndarray:
+        if i in self.loaded:
+            return self.loaded[i]
+        return np.memmap(storage.filesystem(self.paths[i])[1], np.float16, "r",
+                         shape=(self.counts[i], self.dim))
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        """Rows `idx` of the bucket (in that order), as one float16 array."""
+        out = np.empty((len(idx), self.dim), np.float16)
+        part = self.part[idx]
+        for i in np.unique(part):
+            at = np.flatnonzero(part == i)
+            src = self._open(int(i))
+            out[at] = src[self.offset[idx[at]]]
+            del src          # unmaps: the pages leave this process's resident set
+        return out
 
 
 def stage_finish(cfg: SelectConfig, source_dir: str, output_dir: str,
@@ -523,11 +569,18 @@ def _stats(output_dir, p, rejects, funnel, coreset_rows, cfg) -> dict:
     }
 
 
-def release_memory() -> None:
+def _peak_rss_gb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def release_memory(collect: bool = True) -> None:
     """Hand freed heap back to the OS. glibc keeps freed small blocks (uid strings, Arrow
     buffers below its mmap threshold) mapped, so without this each stage's peak stacks
-    on what the previous stage left behind and RSS grows with the row count."""
-    gc.collect()
+    on what the previous stage left behind and RSS grows with the row count. `collect`
+    runs the cycle collector first (~0.1 s with torch loaded: between stages, not buckets)."""
+    if collect:
+        gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):      # not glibc: nothing to trim
@@ -542,33 +595,49 @@ def run(cfg: SelectConfig, source_dir: str, output_dir: str, progress: bool = Tr
     def steps(desc, n):
         return tqdm(range(n), desc=desc, unit=desc.split()[-1], disable=not progress,
                     mininterval=0.5, leave=False)
+
+    def each_shard(desc, stage):
+        # Two shards at a time: numpy, Arrow and faiss release the GIL, and a shard's
+        # outputs are its own files, so the result does not depend on the interleaving.
+        with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+            jobs = [pool.submit(stage, cfg, source_dir, output_dir, i) for i in range(p["shards"])]
+            for job in tqdm(as_completed(jobs), total=len(jobs), desc=desc, unit="shard",
+                            disable=not progress, mininterval=0.5, leave=False):
+                job.result()
+
     t0 = time.perf_counter()
     p = plan(cfg, source_dir, output_dir)
-    timings = {}
+    timings, peaks = {}, {}
     s = time.perf_counter()
-    for i in steps("validate shard", p["shards"]):
-        stage_validate(cfg, source_dir, output_dir, i)
+    each_shard("validate shard", stage_validate)
     timings["validate"] = time.perf_counter() - s
+    peaks["validate"] = _peak_rss_gb()
     release_memory()
     s = time.perf_counter()
     stage_train(cfg, source_dir, output_dir)
     timings["train"] = time.perf_counter() - s
+    peaks["train"] = _peak_rss_gb()
     release_memory()
     s = time.perf_counter()
-    for i in steps("assign shard", p["shards"]):
-        stage_assign(cfg, source_dir, output_dir, i)
+    each_shard("assign shard", stage_assign)
     timings["assign"] = time.perf_counter() - s
+    peaks["assign"] = _peak_rss_gb()
     release_memory()
     s = time.perf_counter()
     for b in steps("dedup bucket", p["buckets"]):
         stage_dedup(cfg, source_dir, output_dir, b)
-        release_memory()
+        release_memory(collect=False)
     timings["dedup"] = time.perf_counter() - s
+    peaks["dedup"] = _peak_rss_gb()
     s = time.perf_counter()
     stats = stage_finish(cfg, source_dir, output_dir, extra_rejects)
     timings["finish"] = time.perf_counter() - s
+    peaks["finish"] = _peak_rss_gb()
     release_memory()
     stats["seconds"] = {k: round(v, 3) for k, v in timings.items()}
     stats["seconds"]["total"] = round(time.perf_counter() - t0, 3)
+    # the process's peak RSS as of the end of each stage: where it rises is the stage
+    # that set it (RSS is measured, not estimated)
+    stats["peak_rss_gb"] = {k: round(v, 3) for k, v in peaks.items()}
     storage.write_json(storage.join(output_dir, "stats.json"), stats)
     return stats

@@ -28,6 +28,12 @@ def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, paths[0]
 
 
+def is_local(path: str) -> bool:
+    """Whether `path` is on the local file system (so it can be memory-mapped)."""
+    protocol = filesystem(path)[0].protocol
+    return "file" in (protocol if isinstance(protocol, tuple) else (protocol,))
+
+
 def join(base: str, *parts: str) -> str:
     base = str(base)
     return "/".join([base.rstrip("/")] + [str(p).strip("/") for p in parts])
