@@ -26,7 +26,7 @@ Keep = Literal["middle", "far", "near", "random"]
 
 BLOCK = 2048
 SMALL = 256         # below this many rows an exact float32 product is cheaper than int8 set-up
-CHUNK = 8192        # rows per float32 temporary in quantize (25 MB at d = 768)
+CHUNK = 8192        # rows (or pairs) per temporary: 25 MB float32, 50 MB float64 at d = 768
 EDGE_ROWS = 256     # rows of a block scanned for edges at once
 
 
@@ -114,10 +114,10 @@ class _Edges:
 def _exact(x: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     """float64 dot products of row pairs (the ground truth for near-threshold pairs)."""
     out = np.empty(len(i))
-    for s in range(0, len(i), 8192):       # 8192 pairs x d=768: 50 MB of float64 per side
-        a = x[i[s:s + 8192]].astype(np.float64)
-        b = x[j[s:s + 8192]].astype(np.float64)
-        out[s:s + 8192] = np.einsum("ij,ij->i", a, b)
+    for s in range(0, len(i), CHUNK):
+        a = x[i[s:s + CHUNK]].astype(np.float64)
+        b = x[j[s:s + CHUNK]].astype(np.float64)
+        out[s:s + CHUNK] = np.einsum("ij,ij->i", a, b)
     return out
 
 

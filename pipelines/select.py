@@ -132,6 +132,11 @@ def _strings(values) -> pa.Array:
     return values if isinstance(values, pa.Array) else pa.array(list(values), pa.string())
 
 
+def _by_code(names: list[str | None], codes: np.ndarray) -> pa.Array:
+    """names[code] per row, as Arrow strings: no Python str per row."""
+    return pa.array(names, pa.string()).take(pa.array(np.asarray(codes, np.int64)))
+
+
 def _rejects(uids, stage: str, reasons, kept=None) -> pa.Table:
     n = len(uids)
     reasons = pa.repeat(pa.scalar(reasons, pa.string()), n) if isinstance(reasons, str) \
@@ -208,9 +213,8 @@ def stage_validate(cfg: SelectConfig, source_dir: str, output_dir: str, shard: i
                       "hash": pa.array(bands.uid_hash_arrow(good).view(np.int64))})
     storage.write_table(valid, _w(output_dir, "valid", f"s{shard:05d}.parquet"))
     bad = np.flatnonzero(~ok)
-    why = pa.array([REASONS.get(i) for i in range(6)], pa.string()).take(
-        pa.array(code[bad].astype(np.int64)))
-    rej = _rejects(uids.take(bad), "validate", why)
+    rej = _rejects(uids.take(bad), "validate",
+                   _by_code([REASONS.get(i) for i in range(6)], code[bad]))
     storage.write_table(rej, _w(output_dir, "rejects", f"validate-s{shard:05d}.parquet"),
                         schemas.REJECTS)
     counts = {REASONS[int(c)]: int((code == c).sum()) for c in np.unique(code[bad])}
@@ -412,12 +416,13 @@ class _PartVectors:
         self.part = np.repeat(np.arange(len(paths)), rows)
         self.offset = np.concatenate([np.arange(r) for r in rows]) if rows else np.zeros(0, int)
         self.loaded: dict[int, np.ndarray] = {}
+        local = bool(paths) and storage.is_local(paths[0])   # one bucket folder
         for i, (path, n) in enumerate(zip(paths, rows)):
             fs, fp = storage.filesystem(path)
             if fs.size(fp) != n * dim * 2:
                 raise WarrenError(f"{path}: {fs.size(fp) // (dim * 2)} vectors for {n} rows; "
                                   "delete its assign completion marker and rerun")
-            if not storage.is_local(path):   # no memory map: read each part once
+            if not local:   # no memory map: read each part once
                 with fs.open(fp, "rb") as f:
                     self.loaded[i] = np.frombuffer(f.read(), np.float16).reshape(n, dim)
 
@@ -458,9 +463,8 @@ def stage_finish(cfg: SelectConfig, source_dir: str, output_dir: str,
             idx = np.flatnonzero(alive)
             codes = bands.band(surv.column(col).take(idx).to_numpy(), uids.take(idx), *rng)
             out = idx[codes > 0]
-            # reason strings by index into a two-entry array: no Python str per row
-            why = pa.array([bands.ABOVE, bands.BELOW]).take(pa.array(codes[codes > 0] - 1))
-            band_rejects.append(_rejects(uids.take(out), stage, why))
+            band_rejects.append(_rejects(uids.take(out), stage,
+                                         _by_code([None, bands.ABOVE, bands.BELOW], codes[codes > 0])))
             alive[out] = False
         funnel[stage] = {"in": n_in, "out": int(alive.sum())}
     idx = np.flatnonzero(alive)
