@@ -56,10 +56,11 @@ def main(argv=None) -> int:
     import pyarrow.parquet as pq
     import torch
 
-    from pipelines import demo_data, embed
+    from pipelines import embed
+from pipelines.synth import demo_pool
 
     with tempfile.TemporaryDirectory() as tmp:
-        demo_data.build(tmp, demo_data.DemoDataConfig(n=a.n, size=a.image_size, dead_share=0,
+        demo_pool.build(tmp, demo_pool.DemoDataConfig(n=a.n, size=a.image_size, dead_share=0,
                                                       corrupt_share=0))
         truth = pq.read_table(os.path.join(tmp, "truth.parquet"))
         blobs = [open(os.path.join(tmp, "images", f), "rb").read()

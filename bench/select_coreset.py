@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 
 
 def make_source(path: str, n: int, dim: int, seed: int) -> None:
-    from pipelines import synth
+    from pipelines.synth import embeddings as synth
     if os.path.exists(os.path.join(path, "truth.parquet")):
         return
     t = time.perf_counter()

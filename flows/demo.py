@@ -23,7 +23,8 @@ import shutil
 import time
 from dataclasses import dataclass
 
-from pipelines import demo_data, storage
+from pipelines import storage
+from pipelines.synth import demo_pool
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "configs", "curate", "demo.yaml")
@@ -71,7 +72,7 @@ def demo_flow(out_dir: str = "runs/demo", n: int = 3000, sets: list[str] | None 
 
 def _source(out_dir: str, n: int, log) -> str:
     root = storage.join(out_dir, "source")
-    info = demo_data.build(root, demo_data.DemoDataConfig(n=n))
+    info = demo_pool.build(root, demo_pool.DemoDataConfig(n=n))
     log(f"demo pool: {info['rows']:,} rows in {root} ({info['original']:,} originals, "
         f"{info['near_duplicate']:,} near-duplicate copies in {info['dup_groups']:,} groups, "
         f"{info['dead_link']:,} dead links, {info['corrupt']:,} corrupt files, "
@@ -86,8 +87,8 @@ def _curate(out_dir: str, source: str, sets: list[str], log) -> dict:
     if os.path.isdir(run):
         shutil.rmtree(run)
     log(MODEL_NOTE)
-    with demo_data.serve(source) as base:
-        meta = demo_data.write_metadata(source, base)
+    with demo_pool.serve(source) as base:
+        meta = demo_pool.write_metadata(source, base)
         log(f"serving the pool at {base}; curating into {run}")
         cfg = curate.load_config(CONFIG, [f"source.path={meta}"] + sets, output=run)
         return curate.run_local(cfg)
@@ -136,7 +137,8 @@ def _mix(out_dir: str, summary: dict, log) -> dict:
     """stage1/ from the coreset, mix/ from the Bunny-695K recipe, and one manifest
     (<out_dir>/manifest.json) that lists both with their images."""
     from pipelines import manifest
-    from pipelines.mix import build, recipe, stage1, synth
+    from pipelines.mix import build, recipe, stage1
+    from pipelines.synth import mix as synth
 
     man = storage.join(out_dir, "manifest.json")
     for old in (man, storage.join(out_dir, "stage1"), storage.join(out_dir, "mix")):

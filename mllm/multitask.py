@@ -7,15 +7,15 @@ query:
     ###Human: <image>\\n[refer] give me the location of the red square ###Assistant: {<10><20><55><80>}<eos>
 
 Identifiers: `[vqa]`, `[caption]`, `[refer]`, `[grounding]`, `[identify]`, `[detection]`.
-Boxes are `{<x1><y1><x2><y2>}` on a 0-100 grid (see pipelines.tasks, which also tags
+Boxes are `{<x1><y1><x2><y2>}` on a 0-100 grid (see pipelines.mix.tasks, which also tags
 MIX records by task).
 
 Registered templates (in mllm.templates.REGISTRY):
   tinygptv          renders the identifier a record already carries (tag records with
-                    pipelines.tasks); untagged and text-only records render as plain
+                    pipelines.mix.tasks); untagged and text-only records render as plain
                     instructions, as in TinyGPT-V's instruction stage
   tinygptv-<task>   the same, and tags an untagged first human turn that has the image
-                    with <task> (text-only turns stay untagged, as in pipelines.tasks.tag)
+                    with <task> (text-only turns stay untagged, as in pipelines.mix.tasks.tag)
 
 The identifier is its own untrained segment, so the label mask stays exact: labels are
 the answer tokens and the end token, IGNORE_INDEX everywhere else, token by token.
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from mllm import templates
 from mllm.templates import ConversationError, Template
-from pipelines.tasks import (GRID, TASKS, box_to_pixels, format_box, format_grounded, identifier,
+from pipelines.mix.tasks import (GRID, TASKS, box_to_pixels, format_box, format_grounded, identifier,
                              parse_boxes, tag_text, task_in)
 
 __all__ = ["TASKS", "GRID", "TaskTemplate", "format_box", "format_grounded", "parse_boxes",
@@ -71,7 +71,7 @@ class TaskTemplate(Template):
         if self.require_task and "<image>" in first["value"] and task_in(first["value"]) is None:
             raise ConversationError(f"template '{self.name}' needs a task identifier "
                                     f"({', '.join('[' + t + ']' for t in TASKS)}) in the first "
-                                    "human turn: tag the records with pipelines.tasks")
+                                    "human turn: tag the records with pipelines.mix.tasks")
         return out
 
     def segments(self, conversations: list[dict], tokenizer,

@@ -99,12 +99,12 @@ SMALL_POOL = 180          # rows; 3 shards of 60
 @pytest.fixture(scope="session")
 def demo_pool(tmp_path_factory):
     """(root, base_url, metadata path) of a small generated pool served on 127.0.0.1."""
-    from pipelines import demo_data
+    from pipelines.synth import demo_pool
 
     root = str(tmp_path_factory.mktemp("demo-pool"))
-    demo_data.build(root, demo_data.DemoDataConfig(n=SMALL_POOL, seed=1))
-    with demo_data.serve(root) as base:
-        yield root, base, demo_data.write_metadata(root, base)
+    demo_pool.build(root, demo_pool.DemoDataConfig(n=SMALL_POOL, seed=1))
+    with demo_pool.serve(root) as base:
+        yield root, base, demo_pool.write_metadata(root, base)
 
 
 def small_curate_config(meta: str, out: str, *sets: str):

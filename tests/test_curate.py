@@ -71,7 +71,7 @@ def test_overrides_and_every_problem_at_once(tmp_path):
 
 def test_pipelines_never_imports_prefect():
     code = ("import sys; import pipelines.download, pipelines.embed, pipelines.report, "
-            "pipelines.demo_data, pipelines.select; "
+            "pipelines.synth.demo_pool, pipelines.select; "
             "assert not [m for m in sys.modules if m.split('.')[0] == 'prefect'], 'prefect'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 

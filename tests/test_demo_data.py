@@ -9,12 +9,12 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from pipelines import demo_data
+from pipelines.synth import demo_pool
 
 
 def test_build_plants_every_kind(tmp_path):
-    cfg = demo_data.DemoDataConfig(n=100, seed=3)
-    info = demo_data.build(str(tmp_path), cfg)
+    cfg = demo_pool.DemoDataConfig(n=100, seed=3)
+    info = demo_pool.build(str(tmp_path), cfg)
     truth = pl.read_parquet(tmp_path / "truth.parquet")
     counts = dict(truth.group_by("kind").len().iter_rows())
     assert counts == {"original": 75, "near_duplicate": 15, "dead_link": 3, "corrupt": 2,
@@ -35,22 +35,22 @@ def test_build_plants_every_kind(tmp_path):
     mis = truth.filter(pl.col("kind") == "mismatched_caption")
     assert (mis["caption"] != mis["true_caption"]).all()
     # a second build is the same build (completion marker)
-    assert demo_data.build(str(tmp_path), cfg) == info
+    assert demo_pool.build(str(tmp_path), cfg) == info
 
 
 def test_same_seed_same_pool(tmp_path):
-    a = demo_data.build(str(tmp_path / "a"), demo_data.DemoDataConfig(n=40, seed=5))
-    b = demo_data.build(str(tmp_path / "b"), demo_data.DemoDataConfig(n=40, seed=5))
+    a = demo_pool.build(str(tmp_path / "a"), demo_pool.DemoDataConfig(n=40, seed=5))
+    b = demo_pool.build(str(tmp_path / "b"), demo_pool.DemoDataConfig(n=40, seed=5))
     assert a == b
     for f in (tmp_path / "a" / "images").iterdir():
         assert f.read_bytes() == (tmp_path / "b" / "images" / f.name).read_bytes()
 
 
 def test_server_serves_images_and_404s(tmp_path):
-    demo_data.build(str(tmp_path), demo_data.DemoDataConfig(n=40, seed=2))
-    with demo_data.serve(str(tmp_path)) as base:
+    demo_pool.build(str(tmp_path), demo_pool.DemoDataConfig(n=40, seed=2))
+    with demo_pool.serve(str(tmp_path)) as base:
         assert base.startswith("http://127.0.0.1:")
-        meta = pl.read_parquet(demo_data.write_metadata(str(tmp_path), base))
+        meta = pl.read_parquet(demo_pool.write_metadata(str(tmp_path), base))
         truth = pl.read_parquet(tmp_path / "truth.parquet")
         rows = meta.join(truth, on="uid")
         ok = rows.filter(pl.col("kind") == "original").row(0, named=True)
@@ -65,5 +65,5 @@ def test_server_serves_images_and_404s(tmp_path):
 def test_bad_config_lists_every_problem():
     from pipelines.errors import ConfigError
     with pytest.raises(ConfigError) as e:
-        demo_data.DemoDataConfig(n=5, size=8)
+        demo_pool.DemoDataConfig(n=5, size=8)
     assert "n must be" in str(e.value) and "size must be" in str(e.value)

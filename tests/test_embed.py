@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import demo_data, embed
+from pipelines import embed
+from pipelines.synth import demo_pool
 from pipelines.errors import ConfigError, InputError
 
 
@@ -18,7 +19,7 @@ def pool(tmp_path_factory):
     """A small pool table (POOL schema) with one corrupt and one non-square image."""
     from PIL import Image
     root = tmp_path_factory.mktemp("pool")
-    demo_data.build(str(root), demo_data.DemoDataConfig(n=40, seed=4))
+    demo_pool.build(str(root), demo_pool.DemoDataConfig(n=40, seed=4))
     truth = pl.read_parquet(root / "truth.parquet").filter(
         pl.col("kind").is_in(["original", "near_duplicate"]))
     blobs = [(root / "images" / f).read_bytes() for f in truth["file"]]

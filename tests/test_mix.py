@@ -15,7 +15,8 @@ import pytest
 from mllm.templates import check_conversation
 from pipelines import manifest, schemas
 from pipelines.errors import ConfigError, InputError
-from pipelines.mix import build, export, readers, recipe, synth
+from pipelines.mix import build, export, readers, recipe
+from pipelines.synth import mix as synth
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCALE = 0.001                   # 625 image + 40 ShareGPT per 665K file, 70 WizardLM
@@ -384,7 +385,7 @@ def test_cli_builds_and_bad_input_is_one_line(src, tmp_path):
 
 def test_pipelines_mix_never_imports_prefect():
     code_ = ("import sys; sys.modules['prefect'] = None\n"
-             "import pipelines.mix.build, pipelines.mix.export, pipelines.mix.stage1, pipelines.mix.synth\n"
+             "import pipelines.mix.build, pipelines.mix.export, pipelines.mix.stage1, pipelines.synth.mix\n"
              "print('ok')")
     p = subprocess.run([sys.executable, "-c", code_], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr

@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from pipelines.mix import build, recipe, synth
+from pipelines.mix import build, recipe
+from pipelines.synth import mix as synth
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,7 +5,7 @@ import os
 import polars as pl
 import pytest
 
-from pipelines import tasks
+from pipelines.mix import tasks
 from pipelines.errors import ConfigError
 from pipelines.mix import build, recipe
 

@@ -2,7 +2,8 @@
 import os
 import re
 
-from pipelines import select, synth
+from pipelines import select
+from pipelines.synth import embeddings as synth
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

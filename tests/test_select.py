@@ -11,7 +11,8 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import bands, cluster, select, synth
+from pipelines import bands, cluster, select
+from pipelines.synth import embeddings as synth
 from pipelines.errors import ConfigError, InputError
 from tests.embedding_fixtures import check_accounting, unit, write_laion, write_warren_parquet
 
@@ -349,7 +350,7 @@ def test_two_level_kmeans_close_to_flat():
 
 
 def test_pipelines_import_without_prefect():
-    code = ("import sys; import pipelines.select, pipelines.readers, pipelines.synth, "
+    code = ("import sys; import pipelines.select, pipelines.readers, pipelines.synth.embeddings, "
             "pipelines.manifest; assert 'prefect' not in sys.modules, 'pipelines imported prefect'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 

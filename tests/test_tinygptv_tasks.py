@@ -13,7 +13,8 @@ import mllm.tinygptv  # noqa: F401  (registers the options)
 from mllm import multitask
 from mllm.templates import IGNORE_INDEX, REGISTRY, ConversationError
 from mllm.templates import get as get_template
-from pipelines import schemas, tasks
+from pipelines import schemas
+from pipelines.mix import tasks
 from pipelines.errors import ConfigError, InputError
 
 N_IMG = 4
@@ -199,7 +200,7 @@ def test_tagging_errors_name_the_record():
 
 
 def test_pipelines_tasks_needs_neither_prefect_nor_mllm():
-    code = ("import sys, pipelines.tasks; "
+    code = ("import sys, pipelines.mix.tasks; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('prefect', 'mllm', 'torch')]; "
             "print(bad); raise SystemExit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -19,7 +19,7 @@ def run(args) -> int:
     import json
     import sys
 
-    from pipelines import synth
+    from pipelines.synth import embeddings as synth
 
     shards = args.shards or max(1, -(-args.n // 100_000))
     avg = args.avg_cluster or max(10, min(20_000, args.n // 20))

@@ -4,7 +4,8 @@
     build.run(recipe, output) -> stats   mix.parquet, rejects.parquet, stats.json, manifest.json
     export.to_llava(mix, path)           mix.parquet back to a LLaVA JSON list (or JSON Lines)
     stage1.run(cfg, coreset, output)     a curation coreset as a stage-1 caption table (MIX schema)
-    synth.write_sources(dir, scale, seed) synthetic sources in the real formats, with truth
+    tasks                                TinyGPT-V task identifiers and boxes (tags MIX records)
+(synthetic sources in the real formats: pipelines.synth.mix)
 
 Modules: readers (streamed JSON list / JSON Lines, format adapters), validate (per-record
 rules, image index, duplicate key), build (prepare per source, assemble). No Prefect here;

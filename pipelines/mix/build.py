@@ -37,7 +37,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import manifest, schemas, storage, tasks
+from pipelines import manifest, schemas, storage
+from pipelines.mix import tasks
 from pipelines.errors import InputError, WarrenError
 from pipelines.mix import readers, validate
 from pipelines.mix.readers import Bad, Record

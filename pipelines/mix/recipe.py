@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipelines import tasks
+from pipelines.mix import tasks
 from pipelines.errors import ConfigError, InputError
 from pipelines.mix.readers import FORMATS, Format
 
@@ -76,8 +76,8 @@ class Source:
     to nearest) take a seeded sample; neither keeps every valid record.
 
     `task` tags each image record's first human turn with a TinyGPT-V task identifier
-    (`<image>\\n[vqa] ...`, see pipelines.tasks): None leaves the text as it is, "auto"
-    picks the task by `pipelines.tasks.infer`'s rules, a task name ("vqa", "caption",
+    (`<image>\\n[vqa] ...`, see pipelines.mix.tasks): None leaves the text as it is, "auto"
+    picks the task by `pipelines.mix.tasks.infer`'s rules, a task name ("vqa", "caption",
     ...) uses that task. Text-only records stay untagged (TinyGPT-V mixes them in as
     plain instructions); a record already tagged with another identifier is rejected
     (bad_task)."""
