@@ -1,6 +1,8 @@
 """Typed errors. Library code raises these; the CLI prints one line and exits non-zero."""
 from __future__ import annotations
 
+import contextvars
+
 
 class WarrenError(Exception):
     """Base of every error Warren reports to a user as one clear line."""
@@ -41,3 +43,32 @@ class MissingDependencyError(WarrenError):
     def __init__(self, package: str, purpose: str):
         super().__init__(f"{purpose} needs '{package}': install it with `pip install {package}` "
                          "(or `make install`, which installs everything Warren uses)")
+
+
+class OutputError(WarrenError):
+    """An output that cannot be written (read-only, not a folder, disk full, ...)."""
+
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"cannot write {path}: {reason}; free space (or fix the folder) and "
+                         "rerun the same command to resume")
+
+
+# How a hint names a setting depends on the command in use: `warren select` takes `--k`,
+# `warren curate` takes `--set select.k=`. Library code writes `setting("select.k")`; each
+# command sets the style once (flows.cli) before running.
+_SETTING_STYLE = contextvars.ContextVar("setting_style", default="flag")
+
+
+def set_setting_style(style: str) -> None:
+    """'flag' (`--k`), or 'set' (`--set select.k=`)."""
+    if style not in ("flag", "set"):
+        raise ValueError(style)
+    _SETTING_STYLE.set(style)
+
+
+def setting(path: str) -> str:
+    """A config field (dotted path, e.g. 'select.k') as the user types it right now."""
+    if _SETTING_STYLE.get() == "set":
+        return f"--set {path}="
+    return "--" + path.rsplit(".", 1)[-1].replace("_", "-")
