@@ -235,3 +235,17 @@ def test_missing_image_is_named(tmp_path):
                                    "label": "no", "category": "random"}])
     with pytest.raises(InputError, match=r"val2014/gone.jpg: image of question 1 not found"):
         qs("pope", tmp_path)
+
+
+def test_repeated_question_id_is_an_error(tmp_path):
+    fx.write_pope(str(tmp_path), [{"image": "a.jpg", "question": "Is there a cat in the image?",
+                                   "label": "no", "category": "random"}] * 2)
+    path = os.path.join(str(tmp_path), "pope", "llava_pope_test.jsonl")
+    rows = [json.loads(x) for x in open(path)]
+    rows[1]["question_id"] = "1"                      # 1 and "1" are one id
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with pytest.raises(InputError, match="question_id '1' appears twice"):
+        qs("pope", tmp_path)
+    with pytest.raises(InputError, match="appears twice"):
+        REGISTRY["pope"]().score(str(tmp_path), [])

@@ -22,27 +22,28 @@ def _limit(text: str) -> int:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", help="an exported model folder (warren export / train's final/)")
-    p.add_argument("--benchmark", help="benchmark name(s), comma-separated: pope, scienceqa, gqa, "
+    p.add_argument("--model", metavar="DIR", help="an exported model folder (warren export / train's final/)")
+    p.add_argument("--benchmark", metavar="NAME[,NAME...]", help="benchmark name(s), comma-separated: pope, scienceqa, gqa, "
                                        "textvqa, vqav2, mme, mmbench, seed, vizwiz, vsr, hateful_memes")
-    p.add_argument("--data", help="the eval root (LLaVA's playground/data/eval/), or one "
+    p.add_argument("--data", metavar="PATH", help="the eval root (LLaVA's playground/data/eval/), or one "
                                   "benchmark's own folder")
-    p.add_argument("--output", help="output folder: answers, results.json, scores.parquet "
+    p.add_argument("--output", metavar="DIR", help="output folder: answers, results.json, scores.parquet "
                                     "(a rerun resumes in it)")
-    p.add_argument("--batch-size", type=int, default=16, help="questions per generation batch")
-    p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
-    p.add_argument("--limit", type=_limit, default=None,
+    p.add_argument("--batch-size", metavar="N", type=int, default=16, help="questions per generation batch")
+    p.add_argument("--workers", metavar="N", type=int, default=2, help="image-decoding worker processes")
+    p.add_argument("--limit", metavar="N", type=_limit, default=None,
                    help="ask only the first N questions of each benchmark")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     sub = p.add_subparsers(dest="eval_action", metavar="score", required=False)
     s = sub.add_parser("score", help="score an answers.jsonl as the official script does",
                        description="Score an answers.jsonl (LLaVA's form) as the benchmark's "
                                    "official script does; prints one JSON object.")
-    s.add_argument("--benchmark", dest="score_benchmark", required=True, help="benchmark name")
-    s.add_argument("--data", dest="score_data", required=True,
+    s.add_argument("--benchmark", dest="score_benchmark", metavar="NAME", required=True,
+                   help="benchmark name")
+    s.add_argument("--data", dest="score_data", metavar="PATH", required=True,
                    help="the eval root (LLaVA's playground/data/eval/), or the benchmark's folder")
-    s.add_argument("--answers", required=True, help="answers.jsonl (question_id, prompt, text, ...)")
-    s.add_argument("--limit", dest="score_limit", type=_limit, default=None,
+    s.add_argument("--answers", metavar="FILE", required=True, help="answers.jsonl (question_id, prompt, text, ...)")
+    s.add_argument("--limit", dest="score_limit", metavar="N", type=_limit, default=None,
                    help="score as if the question file held only its first N questions")
 
 

@@ -102,7 +102,9 @@ class Base:
 
     def questions(self, data_dir: str) -> Iterator[Question]:
         root = self.root(data_dir)
-        for item in self.items(root):
+        items = self.items(root)
+        check_unique(self, items)
+        for item in items:
             image = item.question.image
             if isinstance(image, str) and not os.path.isfile(image):
                 raise InputError(f"image of question {item.qid!r} not found", path=image)
@@ -141,13 +143,21 @@ def _where(answers, i: int) -> str:
     return f"line {lines[i]}" if lines else f"answer {i + 1}"
 
 
+def check_unique(bench: Base, items: list[Item]) -> None:
+    seen: set[str] = set()
+    for it in items:
+        if key(it.qid) in seen:
+            raise InputError(f"question_id {it.qid!r} appears twice in the {bench.name} question "
+                             "file (ids are compared as text)", path=bench.markers[0])
+        seen.add(key(it.qid))
+
+
 def match(bench: Base, items: list[Item], everything: list[Item], answers: list[dict]) -> dict:
     """question_id -> answer text for `items` (None where unanswered and the benchmark's
     official script allows it). Every answer must name a question of the file once."""
     path = getattr(answers, "path", "answers")
+    check_unique(bench, everything)
     by_key = {key(it.qid): it.qid for it in everything}
-    if len(by_key) != len(everything):
-        raise AssertionError(f"{bench.name}: question ids are not unique")  # loader bug
     aliases: dict[tuple, list] = {}
     for it in everything:
         if it.alias is not None:

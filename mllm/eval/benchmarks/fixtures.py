@@ -101,7 +101,7 @@ def write_gqa(root: str, rows: list[dict], images=False) -> str:
             "imageId": os.path.splitext(r["image"])[0], "question": r["question"],
             "answer": r["answer"], "fullAnswer": r["answer"], "isBalanced": r.get("balanced", True),
             "types": {"structural": "query", "semantic": "attr", "detailed": "colorSimple"},
-            "groups": {"global": None, "local": "10q-color"}, "semantic": [],
+            "groups": {"global": "color", "local": "10q-color"}, "semantic": [],
             "annotations": {"answer": {}, "question": {}, "fullAnswer": {}},
             "equivalent": [str(r["question_id"])], "entailed": []}
     _json(os.path.join(folder, "data", "testdev_balanced_questions.json"), release)

@@ -152,7 +152,8 @@ class MMBench(Base):
             hint = rec.get("hint")
             if not is_none(hint):
                 question = str(hint) + "\n" + question
-            meta = {"category": rec.get("category"), "index": idx % PASS}
+            category = rec.get("category")
+            meta = {"category": None if is_none(category) else str(category), "index": idx % PASS}
             rounds = 1 if (idx >= PASS or idx in has_passes) else len(options)
             a = LETTERS.index(answer)
             for r in range(rounds):
