@@ -78,6 +78,11 @@ def test_run_form_needs_its_flags_and_an_engine(tmp_path, capsys, monkeypatch):
     assert "missing --model, --data, --output" in capsys.readouterr().err
     assert cli.main(["eval", "--model", "m", "--benchmark", "pope,popx", "--data", str(tmp_path),
                      "--output", str(tmp_path / "o")]) == 2
+    assert "no pope files: expected pope/llava_pope_test.jsonl" in capsys.readouterr().err
+    fx.write_pope(str(tmp_path), [{"image": "a.jpg", "question": "Is there a cat in the image?",
+                                   "label": "no", "category": "random"}])
+    assert cli.main(["eval", "--model", "m", "--benchmark", "pope,popx", "--data", str(tmp_path),
+                     "--output", str(tmp_path / "o")]) == 2
     assert "unknown benchmark 'popx'" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "mllm.eval.run", None)          # an install without the engine
     assert cli.main(["eval", "--model", "m", "--benchmark", "pope", "--data", str(tmp_path),
@@ -91,8 +96,11 @@ def test_run_form_passes_every_flag_to_evaluate(tmp_path, capsys, monkeypatch):
     engine = types.ModuleType("mllm.eval.run")
     engine.evaluate = lambda **kw: calls.append(kw) or {"pope": {"average_f1": 0.5}}
     monkeypatch.setitem(sys.modules, "mllm.eval.run", engine)
-    assert cli.main(["eval", "--model", "m", "--benchmark", "pope, gqa", "--data", "d", "--output", "o",
-                     "--batch-size", "4", "--workers", "0", "--limit", "10", "--device", "cpu"]) == 0
-    assert calls == [dict(model="m", benchmarks=["pope", "gqa"], data="d", output="o", batch_size=4,
+    case_root = str(tmp_path / "eval")
+    CASES["pope"](case_root)
+    CASES["gqa"](case_root)
+    assert cli.main(["eval", "--model", "m", "--benchmark", "pope, gqa", "--data", case_root, "--output",
+                     "o", "--batch-size", "4", "--workers", "0", "--limit", "10", "--device", "cpu"]) == 0
+    assert calls == [dict(model="m", benchmarks=["pope", "gqa"], data=case_root, output="o", batch_size=4,
                           workers=0, limit=10, device="cpu", progress=True)]
     assert json.loads(capsys.readouterr().out) == {"pope": {"average_f1": 0.5}}

@@ -76,8 +76,8 @@ def _evaluate(args) -> int:
         raise ConfigError(f"missing {', '.join(missing)} (or score an answers file: "
                           "`warren eval score --benchmark NAME --data PATH --answers FILE`)")
     names = [n.strip() for n in args.benchmark.split(",") if n.strip()]
-    for name in names:
-        scoring.get(name)                      # unknown names fail before any model loads
+    for name in names:                         # fail before any model loads
+        scoring.get(name).root(args.data)
     try:
         from mllm.eval.run import evaluate
     except ModuleNotFoundError as e:
@@ -88,5 +88,5 @@ def _evaluate(args) -> int:
     result = evaluate(model=args.model, benchmarks=names, data=args.data, output=args.output,
                       batch_size=args.batch_size, workers=args.workers, limit=args.limit,
                       device=args.device, progress=True)
-    print(json.dumps(result))
+    print(json.dumps(result, default=str))
     return 0
