@@ -49,7 +49,7 @@ class Segment(tuple):
     parts: tuple[tuple[str, bool], ...]
 
     def __new__(cls, parts, trainable: bool):
-        parts = tuple((t, bool(c)) for t, c in parts if t)
+        parts = tuple([(t, bool(c)) for t, c in parts if t])
         self = super().__new__(cls, ("".join(t for t, _ in parts), bool(trainable)))
         self.parts = parts
         return self
@@ -102,10 +102,21 @@ class _Chunk:
     trained: list[bool]    # per atom
     markers: list[tuple[int, int, int]] | None  # protected: (start, end, id) of template specials
 
-    def is_trained(self, start: int, end: int) -> bool:
-        at = end - 1 if end > start else start
-        at = min(max(at, 0), len(self.text) - 1)
-        return self.trained[bisect.bisect_right(self.starts, at) - 1]
+    def labels(self, ids: list[int], offsets: list[tuple[int, int]]) -> list[int]:
+        """A token is trained when the last character it covers is in a trained atom.
+        Token ends never decrease, so each trained atom [a, b) holds the tokens whose
+        end e satisfies a < e <= b: one slice found by bisection."""
+        out = [IGNORE_INDEX] * len(ids)
+        ends = None
+        bounds = self.starts + [len(self.text)]
+        for k, trained in enumerate(self.trained):
+            if not trained:
+                continue
+            if ends is None:
+                ends = [e or 1 for _, e in offsets]  # an empty span at 0 covers character 0
+            lo, hi = bisect.bisect_right(ends, bounds[k]), bisect.bisect_right(ends, bounds[k + 1])
+            out[lo:hi] = ids[lo:hi]
+        return out
 
 
 def _chunks(segments, info: TokenizerInfo) -> list[_Chunk]:
@@ -136,18 +147,32 @@ def _chunks(segments, info: TokenizerInfo) -> list[_Chunk]:
     return out
 
 
-def _tokenize(tokenizer, chunks: list[_Chunk]) -> list[list[tuple[int, int, int]]]:
-    """(id, start, end) per token of each chunk, batched: plain chunks in one call,
-    the pieces of protected chunks in another (special-token text split)."""
-    out: list[list[tuple[int, int, int]]] = [[] for _ in chunks]
+def _encode_batch(tokenizer, texts: list[str], split_special: bool):
+    """(ids, offsets) per text: one batched call of the tokenizer's Rust backend, as
+    `tokenizer(texts, add_special_tokens=False)` makes it (without building a
+    BatchEncoding); each distinct text once."""
+    unique = list(dict.fromkeys(texts))
+    backend = tokenizer.backend_tokenizer
+    before = backend.encode_special_tokens
+    backend.encode_special_tokens = split_special
+    try:
+        encs = backend.encode_batch(unique, add_special_tokens=False)
+    finally:
+        backend.encode_special_tokens = before
+    by_text = {t: (e.ids, e.offsets) for t, e in zip(unique, encs)}
+    return [by_text[t] for t in texts]
+
+
+def _tokenize(tokenizer, chunks: list[_Chunk]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(ids, offsets) of each chunk, batched: plain chunks in one call, the pieces of
+    protected chunks in another (special-token text split)."""
+    out: list = [([], []) for _ in chunks]
     plain = [k for k, c in enumerate(chunks) if c.text and c.markers is None]
     if plain:
-        enc = tokenizer([chunks[k].text for k in plain], add_special_tokens=False,
-                        return_offsets_mapping=True)
-        for k, ids, offs in zip(plain, enc["input_ids"], enc["offset_mapping"]):
-            out[k] = [(i, s, e) for i, (s, e) in zip(ids, offs)]
-    pieces: list[tuple[int, int, str]] = []   # (chunk, offset, text)
-    layout: dict[int, list] = {}               # chunk -> [marker token | piece index]
+        for k, enc in zip(plain, _encode_batch(tokenizer, [chunks[k].text for k in plain], False)):
+            out[k] = enc
+    pieces: list[tuple[int, str]] = []   # (offset in its chunk, text)
+    layout: dict[int, list] = {}         # chunk -> [marker token | piece index]
     for k, c in enumerate(chunks):
         if c.markers is None:
             continue
@@ -155,22 +180,24 @@ def _tokenize(tokenizer, chunks: list[_Chunk]) -> list[list[tuple[int, int, int]
         for s, e, i in c.markers + [(len(c.text), len(c.text), None)]:
             if s > pos:
                 items.append(len(pieces))
-                pieces.append((k, pos, c.text[pos:s]))
+                pieces.append((pos, c.text[pos:s]))
             if i is not None:
                 items.append((i, s, e))
             pos = e
         layout[k] = items
     if pieces:
-        enc = tokenizer([t for _, _, t in pieces], add_special_tokens=False,
-                        return_offsets_mapping=True, split_special_tokens=True)
+        encoded = _encode_batch(tokenizer, [t for _, t in pieces], True)
         for k, items in layout.items():
+            ids, offsets = [], []
             for item in items:
                 if isinstance(item, tuple):
-                    out[k].append(item)
+                    ids.append(item[0])
+                    offsets.append(item[1:])
                 else:
-                    _, base, _ = pieces[item]
-                    out[k] += [(i, base + s, base + e) for i, (s, e) in
-                               zip(enc["input_ids"][item], enc["offset_mapping"][item])]
+                    base = pieces[item][0]
+                    ids += encoded[item][0]
+                    offsets += [(base + s, base + e) for s, e in encoded[item][1]]
+            out[k] = (ids, offsets)
     return out
 
 
@@ -185,6 +212,8 @@ def encode_segments(rows, tokenizer, num_image_tokens: int, image_token_id: int,
     flat = [c for p in plans if not isinstance(p, Exception) for c in p]
     tokens = iter(_tokenize(tokenizer, flat))
     start = list(info.bos) if bos else []
+    image = [image_token_id] * num_image_tokens
+    masked = [IGNORE_INDEX] * num_image_tokens
     results = []
     for plan in plans:
         if isinstance(plan, Exception):
@@ -193,11 +222,11 @@ def encode_segments(rows, tokenizer, num_image_tokens: int, image_token_id: int,
         ids, labels = list(start), [IGNORE_INDEX] * len(start)
         for k, chunk in enumerate(plan):
             if k:
-                ids += [image_token_id] * num_image_tokens
-                labels += [IGNORE_INDEX] * num_image_tokens
-            for i, s, e in next(tokens):
-                ids.append(i)
-                labels.append(i if chunk.is_trained(s, e) else IGNORE_INDEX)
+                ids += image
+                labels += masked
+            chunk_ids, offsets = next(tokens)
+            ids += chunk_ids
+            labels += chunk.labels(chunk_ids, offsets)
         results.append((ids, labels))
     return results
 
