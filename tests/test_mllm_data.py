@@ -275,3 +275,18 @@ def test_image_checks_find_missing_empty_and_truncated_images(tmp_path, kind):
     assert "truncated" in got["cut"][1].lower()
     if kind == "files":
         assert store.probe("../escape.jpg")[0] == "image_missing"
+
+
+def test_rejects_carry_the_tables_uid(tmp_path):
+    """A mix table with a `uid` column (source:row) names it in the rejects."""
+    rows = fx.mix_rows(3, 1)
+    rows[0]["conversations"][1]["value"] = " "
+    table = pa.Table.from_pylist(rows, schema=schemas.MIX)
+    table = table.append_column("uid", pa.array([f"llava:{k}" for k in range(4)]))
+    storage.write_table(table, str(tmp_path / "mix.parquet"))
+    manifest.write(str(tmp_path / "manifest.json"), {"mix": str(tmp_path / "mix.parquet")},
+                   images={"mix": fx.write_images(str(tmp_path), 3)})
+    ds = dataset(str(tmp_path / "manifest.json"))
+    assert [(r.row, r.uid, r.reason, r.detail) for r in ds.rejects] == [
+        (0, "llava:0", "bad_conversation", "turn 1 is empty")]
+    assert ds.reject_table("mix").column("uid").to_pylist() == ["llava:0"]

@@ -230,3 +230,19 @@ def test_bad_arguments_are_one_line(tokenizers, tmp_path, capsys):
     assert main(["tokens", "--input", DATA, "--template", "bunny", "--tokenizer", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("warren tokens: error: ") and err.count("\n") == 1
+
+
+def test_lines_go_to_stdout_without_jsonl(tokenizers, tmp_path, capsys):
+    want = warren_tokens(tmp_path, "bunny", tokenizers["bytelevel"])
+    capsys.readouterr()
+    assert main(["tokens", "--input", DATA, "--template", "bunny", "--tokenizer", tokenizers["bytelevel"]]) == 0
+    out = capsys.readouterr()
+    assert [json.loads(line) for line in out.out.splitlines()] == want
+    assert "tokens: 42 records, 42 encoded, 0 errors" in out.err
+    # --show beside --jsonl: every record written, the first N shown
+    path = str(tmp_path / "both.jsonl")
+    assert main(["tokens", "--input", DATA, "--template", "bunny", "--tokenizer", tokenizers["bytelevel"],
+                 "--jsonl", path, "--show", "1"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("-- img-01: ") and out.out.count("\n-- ") == 0
+    assert [json.loads(line) for line in open(path, encoding="utf-8")] == want

@@ -7,9 +7,11 @@ HELP = ("show the input_ids and labels a template gives each record of a LLaVA J
 
 def add_arguments(p) -> None:
     p.add_argument("--input", required=True, help="LLaVA JSON or JSON Lines file, or a mix.parquet")
-    p.add_argument("--template", required=True, help="template name (plain, bunny, vicuna_v1, llama3, qwen2, ...)")
+    p.add_argument("--template", required=True,
+                   help="template name (plain, bunny, vicuna_v1, llama3, qwen2, ...)")
     p.add_argument("--tokenizer", required=True,
-                   help="tokenizer folder (or hub name) AutoTokenizer loads; <image> is added as the trainer adds it")
+                   help="tokenizer folder (or hub name) AutoTokenizer loads; <image> is added "
+                        "as the trainer adds it")
     p.add_argument("--jsonl", default=None, metavar="OUT",
                    help="write one JSON line per record here (default: stdout, unless --show is given)")
     p.add_argument("--show", type=int, default=0, metavar="N",
@@ -39,7 +41,11 @@ def run(args) -> int:
     counts = {"records": 0, "encoded": 0, "errors": 0}
 
     def lines(out):
-        for k, line in enumerate(tokens.dump(args.input, template, tokenizer)):
+        from tqdm.auto import tqdm
+        stream = tokens.dump(args.input, template, tokenizer)
+        if out is not None and out is not sys.stdout.buffer:  # a bar only beside a file
+            stream = tqdm(stream, desc="tokens", unit="rec", disable=None, file=sys.stderr)
+        for k, line in enumerate(stream):
             if out is None and k >= args.show:
                 break  # --show alone: only the first N records
             counts["records"] += 1
