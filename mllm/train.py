@@ -166,9 +166,10 @@ def prepare(cfg: Config, manifest_path: str, output_dir: str, stage: int,
         table, data_mod.image_store(man.images(s.table)), tokenizer, template,
         vlm.num_image_tokens, processor, cfg.data.max_length, require_image=stage == 1,
         progress=progress)
-    if len(dataset) == 0:
-        raise InputError(f"every one of its {len(dataset.rejects):,} rows was refused "
-                         f"({_reasons(dataset)}): nothing to train on", path=table)
+    if len(dataset) == 0:  # every rank gets here; the write is atomic and the same for all
+        path = _write_rejects(dataset, s.table, out)
+        raise InputError(f"every one of its {len(dataset.rejects):,} rows was refused before step 1 "
+                         f"({_reasons(dataset)}; listed in {path}): nothing to train on", path=table)
     if s.global_batch_size % (s.micro_batch_size * world_size):
         raise ConfigError(f"stage{stage}.global_batch_size {s.global_batch_size} is not a multiple "
                           f"of micro_batch_size {s.micro_batch_size} x {world_size} processes")
@@ -186,13 +187,19 @@ def _reasons(dataset: data_mod.ConversationDataset) -> str:
     return ", ".join(f"{k} {v:,}" for k, v in dataset.reject_counts().items())
 
 
+def _write_rejects(dataset: data_mod.ConversationDataset, table: str, out: str) -> str:
+    path = os.path.join(out, "rejects.parquet")
+    storage.write_table(dataset.reject_table(table), path, schemas.TRAIN_REJECTS)
+    return path
+
+
 def check_rejects(setup: Setup, is_main: bool = True) -> dict:
     """Write `<stage>/rejects.parquet` (main process) and return the counts for
     summary.json; with data.strict, stop here (before step 1) if any row was refused."""
     ds = setup.dataset
     path = os.path.join(setup.out, "rejects.parquet")
     if is_main:
-        storage.write_table(ds.reject_table(setup.scfg.table), path, schemas.TRAIN_REJECTS)
+        _write_rejects(ds, setup.scfg.table, setup.out)
     counts = {"input_rows": len(ds.ids), "trained_rows": len(ds), "rejected_rows": len(ds.rejects),
               "rejects": ds.reject_counts(), "rejects_path": path}
     if ds.rejects:

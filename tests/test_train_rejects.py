@@ -103,3 +103,14 @@ def test_strict_stops_before_step_1_in_one_line(bad_data, tmp_path, capsys):
     assert "first: row 3 (id 'empty') image_unreadable: empty file (0 bytes)" in err
     assert sorted(os.listdir(os.path.join(out, "stage1"))) == ["rejects.parquet"]  # no step ran
     assert len(rejects(os.path.join(out, "stage1"))) == 4
+
+
+def test_a_table_with_nothing_trainable_is_one_error_before_step_1(bad_data, tmp_path):
+    from pipelines.errors import InputError
+    cfg = presets.tiny({"stage1.max_steps": 2, "data.max_length": 12})  # no image fits in 12
+    # one reason a row: lengths are checked before images, so the broken images count as too long
+    with pytest.raises(InputError, match=r"every one of its 20 rows was refused before step 1 "
+                                         r"\(image_past_max_length 19, no_image_in_stage1 1; listed in "):
+        train.train(cfg, bad_data, str(tmp_path), stage=1, progress=False)
+    assert len(rejects(tmp_path / "stage1")) == 20
+    assert not os.path.exists(tmp_path / "stage1" / "metrics.jsonl")
