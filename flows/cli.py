@@ -29,6 +29,7 @@ COMMANDS = {
     "mix": "flows.commands.mix",
     "train": "flows.commands.train",
     "generate": "flows.commands.generate",
+    "tokens": "flows.commands.tokens",
     "report": "flows.commands.report",
     "eval": "flows.commands.eval",
 }
