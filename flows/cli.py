@@ -29,6 +29,7 @@ COMMANDS = {
     "mix": "flows.commands.mix",
     "train": "flows.commands.train",
     "generate": "flows.commands.generate",
+    "import-tinygptv": "flows.commands.import_tinygptv",
     "report": "flows.commands.report",
 }
 
