@@ -15,7 +15,6 @@ applied when the LM is built and whose hooks run after, in the order listed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-import re
 from typing import Callable
 
 import torch
@@ -226,7 +225,3 @@ def trainable_set(model: nn.Module, vlm: VLM, model_cfg: ModelConfig) -> list[st
         target.requires_grad_(False)
     stabilizers.enable_trainable(vlm.language_model, registry.trainable_patterns(model_cfg.transforms))
     return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
-def name_regex(patterns: list[str]) -> re.Pattern:
-    return re.compile("|".join(f"(?:{p})" for p in patterns) or r"(?!)")
