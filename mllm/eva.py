@@ -90,8 +90,8 @@ def build(cfg: VisionConfig, dtype: torch.dtype = torch.float32) -> EvaTower:
             model = Blip2VisionModel(conf.vision_config)
             state = blip2.strip(blip2.read(cfg.name_or_path, ("vision_model.",)), "vision_model.")
             blip2.load_into(model, state, "EVA vision", cfg.name_or_path)
-        elif isinstance(conf, Blip2VisionConfig):
-            model = Blip2VisionModel.from_pretrained(cfg.name_or_path)
+        elif isinstance(conf, Blip2VisionConfig):  # a Warren export's vision/ folder
+            model = Blip2VisionModel.from_pretrained(cfg.name_or_path, dtype=dtype)
         else:
             raise ConfigError(f"model.vision.name_or_path: {cfg.name_or_path} is a "
                               f"{type(conf).__name__}, not a BLIP-2 model (arch eva)")
