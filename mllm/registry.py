@@ -45,7 +45,7 @@ class Transform:
 
 TRANSFORMS: dict[str, Transform] = {}
 VISION: dict[str, Callable[..., Any]] = {}
-_builtins_loaded = False
+_builtins = "no"  # no | loading | yes
 
 
 def register_transform(transform: Transform) -> Transform:
@@ -67,15 +67,20 @@ def register_projector(name: str, builder: Callable[..., Any]) -> None:
 
 def load_builtins() -> None:
     """Register Warren's optional parts (mllm.tinygptv.register) once."""
-    global _builtins_loaded
-    if _builtins_loaded:
+    global _builtins
+    if _builtins != "no":  # done, or under way (the parts may consult the registry themselves)
         return
-    _builtins_loaded = True  # before the call: the parts may consult the registry themselves
-    from mllm import tinygptv
-    from mllm import vision
-    VISION.setdefault("siglip", vision.build)
-    VISION.setdefault("clip", vision.build)
-    tinygptv.register()
+    _builtins = "loading"
+    try:
+        from mllm import tinygptv
+        from mllm import vision
+        VISION.setdefault("siglip", vision.build)
+        VISION.setdefault("clip", vision.build)
+        tinygptv.register()
+    except BaseException:
+        _builtins = "no"
+        raise
+    _builtins = "yes"
 
 
 def transforms() -> dict[str, Transform]:
