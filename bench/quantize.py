@@ -1,9 +1,14 @@
 """Quantised inference report: weight memory, peak memory, tokens/s and agreement of
-greedy outputs with full precision, for TinyGPT-V-style VLMs (stabilisers + resampler).
+greedy outputs with full precision, for VLMs of TinyGPT-V's architecture (EVA tower,
+BLIP-2 Q-Former connector, LM with TinyGPT-V's norms).
 
     python bench/quantize.py                           # tiny and small models, CPU rows
     python bench/quantize.py --models small --tokens 32 --prompts 4
-    python bench/quantize.py --models phi2             # Phi-2-sized random init (a GPU run)
+    python bench/quantize.py --models phi2             # TinyGPT-V-sized random init (GPU rows)
+
+`phi2` is TinyGPT-V's size: EVA ViT-g (1.0B, 224 px), BLIP-2's Q-Former (BERT-base, 32
+queries), 768 -> 4096 -> 2560 and Phi-2 (2.7B), random weights, exported in bfloat16.
+Without CUDA the command runs the CPU rows it can and prints which rows need a GPU.
 
 Each model is built with random weights (seeded), exported once with mllm.export, and
 every row loads that export in a fresh child process through mllm.quantize.load, so
@@ -12,7 +17,7 @@ the peak-memory figure is that row's alone:
   CPU rows   fp32 (reference), int8-dynamic (the default engine: torch.ao
              quantize_dynamic) and int8-dynamic-warren (Warren's Int8DynamicLinear,
              int32 accumulation via torch._int_mm)
-  GPU rows   fp16 (reference for the GPU rows' agreement too), 8bit and 4bit
+  GPU rows   bf16 (reference for the GPU rows' agreement too), 8bit and 4bit
              (bitsandbytes through transformers' BitsAndBytesConfig), when CUDA is
              available; 8bit/4bit are reported as skipped without bitsandbytes
 
@@ -58,29 +63,36 @@ TEXTS = ["What color is the shape?", "Describe the image briefly.", "Where is th
 
 
 def model_config(name: str):
-    """The VLM of each size (TinyGPT-V options: stabilisers + a 32-query resampler)."""
+    """The VLM of each size, all of TinyGPT-V's architecture."""
     from mllm import presets
-    from mllm.config import LMConfig, VisionConfig
+    from mllm.config import LMConfig, QFormerConfig, VisionConfig
+    base = dataclasses.replace(presets.MODELS["tiny"], projector="qformer", transforms=["tinygptv_norms"])
     if name == "tiny":
-        base = presets.MODELS["tiny"]
-    elif name == "small":
-        base = dataclasses.replace(
-            presets.MODELS["tiny"],
-            vision=VisionConfig(arch="siglip", hidden_size=256, intermediate_size=1024, num_layers=4,
-                                num_heads=4, image_size=64, patch_size=16),
+        return dataclasses.replace(
+            base, vision=VisionConfig(arch="eva", hidden_size=32, intermediate_size=64, num_layers=2,
+                                      num_heads=2, image_size=28, patch_size=14, select_layer=-1),
+            qformer=QFormerConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                                  proj_hidden_size=64, num_query_tokens=32))
+    if name == "small":
+        return dataclasses.replace(
+            base, vision=VisionConfig(arch="eva", hidden_size=256, intermediate_size=1024, num_layers=4,
+                                      num_heads=4, image_size=56, patch_size=14, select_layer=-1),
             lm=LMConfig(arch="phi", hidden_size=1024, intermediate_size=4096, num_layers=8,
-                        num_heads=16, vocab_size=8192, max_position_embeddings=1024))
-    elif name == "phi2":
-        base = presets.MODELS["phi2-siglip-random"]
-    else:
-        raise SystemExit(f"unknown model {name!r} (tiny, small, phi2)")
-    return dataclasses.replace(base, projector="resampler", transforms=["stabilizers"])
+                        num_heads=16, vocab_size=8192, max_position_embeddings=1024),
+            qformer=QFormerConfig(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024,
+                                  proj_hidden_size=1024, num_query_tokens=32))
+    if name == "phi2":
+        return dataclasses.replace(
+            base, vision=VisionConfig(arch="eva", hidden_size=1408, intermediate_size=6144, num_layers=39,
+                                      num_heads=16, image_size=224, patch_size=14, select_layer=-1),
+            lm=dataclasses.replace(presets.PHI2, name_or_path=None), qformer=QFormerConfig(),
+            dtype="bfloat16")
+    raise SystemExit(f"unknown model {name!r} (tiny, small, phi2)")
 
 
 def export_model(name: str, folder: str, seed: int = 0) -> str:
     import torch
 
-    import mllm.tinygptv  # noqa: F401
     from mllm import export, presets, tokenizer
     from mllm.model import build_vlm
     tok = tokenizer.build_local(TEXTS * 4, vocab_size=300)
@@ -134,14 +146,17 @@ def _maxrss_mb() -> float:
 def child(args) -> None:
     import torch
 
-    import mllm.tinygptv  # noqa: F401
-    from mllm import generate, quantize
+    from mllm import generate, quantize, registry
     torch.set_num_threads(args.threads)
+    # import now what loading would import lazily, so the baseline excludes code
+    registry.load_builtins()
+    import transformers.models.blip_2.modeling_blip_2  # noqa: F401
+    import transformers.models.phi.modeling_phi  # noqa: F401
     base_rss = reset_peak_rss()
     mode, engine = args.mode, "auto"
     if mode == "int8-dynamic-warren":
         mode, engine = "int8-dynamic", "warren"
-    dtype = "float16" if (mode == "none" and args.device.startswith("cuda")) else None
+    dtype = "bfloat16" if args.device.startswith("cuda") else None  # GPU rows: bf16 compute
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     loaded = quantize.load(args.folder, mode, dtype=dtype, device=args.device, engine=engine)
@@ -278,13 +293,18 @@ def main(argv=None) -> int:
                 plans.append(("cpu", ["none", "int8-dynamic", "int8-dynamic-warren"]))
             if cuda:
                 plans.append(("cuda", ["none", "8bit", "4bit"]))
+            else:
+                print(f"  {name}: rows bf16, 8bit, 4bit need a CUDA GPU (none here); run this command "
+                      "on a GPU machine for them", file=sys.stderr)
+                rows += [{"model": name, "device": "cuda", "mode": m, "skipped": "needs a CUDA GPU"}
+                         for m in ("bf16", "8bit", "4bit")]
             for device, modes in plans:
                 ref = None
                 for mode in modes:
                     row = run_row(folder, mode, device, args, ref["path"] if ref else None, work)
                     row["model"] = name
                     if mode == "none" and device == "cuda":
-                        row["mode"] = "fp16"
+                        row["mode"] = "bf16"
                     elif mode == "none":
                         row["mode"] = "fp32"
                     if ref is None and "skipped" not in row:

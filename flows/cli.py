@@ -30,6 +30,7 @@ COMMANDS = {
     "train": "flows.commands.train",
     "generate": "flows.commands.generate",
     "tokens": "flows.commands.tokens",
+    "import-tinygptv": "flows.commands.import_tinygptv",
     "report": "flows.commands.report",
     "eval": "flows.commands.eval",
 }

@@ -26,10 +26,13 @@ class VisionConfig:
     """The vision tower. With `name_or_path` the weights load from the hub or a folder and
     the dimensions below are ignored; without it a random tower is built from them."""
 
-    arch: Literal["siglip", "clip"] = "siglip"
-    """Family: SigLIP (no CLS token) or CLIP (its CLS token is dropped)."""
+    arch: Literal["siglip", "clip", "eva"] = "siglip"
+    """Family: SigLIP (no CLS token), CLIP (its CLS token is dropped) or EVA (BLIP-2's
+    EVA ViT-g as TinyGPT-V uses it: every token, CLS included, through its ln_vision;
+    mllm.eva)."""
     name_or_path: str | None = None
-    """Hub name (e.g. google/siglip-so400m-patch14-384) or local folder of real weights."""
+    """Hub name (e.g. google/siglip-so400m-patch14-384) or local folder of real weights;
+    for EVA a BLIP-2 model (e.g. Salesforce/blip2-flan-t5-xxl: its vision model is read)."""
     hidden_size: int = 1152
     intermediate_size: int = 4304
     num_layers: int = 27
@@ -64,15 +67,47 @@ class LMConfig:
 
 
 @dataclass
+class QFormerConfig:
+    """The `qformer` connector (mllm.qformer): BLIP-2's Q-Former (learned queries that
+    cross-attend to the vision features), then TinyGPT-V's two linear layers
+    (hidden_size -> proj_hidden_size -> LM width, no activation between). Without
+    `name_or_path` a random Q-Former is built from the dimensions below."""
+
+    name_or_path: str | None = None
+    """BLIP-2 weights whose Q-Former and query tokens load at the start of training: a
+    hub name (TinyGPT-V's is Salesforce/blip2-flan-t5-xxl) or a folder a Blip2Model /
+    Blip2ForConditionalGeneration was saved to."""
+    num_query_tokens: int = 32
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    cross_attention_frequency: int = 2
+    """A cross-attention layer every this many layers (BLIP-2: every other one)."""
+    proj_hidden_size: int = 4096
+    """Width between TinyGPT-V's two linear layers (llama_proj: 768 -> 4096, llama_proj2:
+    4096 -> the LM's width)."""
+    freeze: bool = True
+    """Keep the Q-Former and its query tokens frozen (TinyGPT-V); only the linear layers train."""
+
+
+@dataclass
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     projector: str = "mlp2x_gelu"
-    """A name in mllm.projector.REGISTRY (mlp2x_gelu, linear, ...)."""
+    """A name in mllm.projector.REGISTRY (mlp2x_gelu, linear, qformer, resampler, ...)."""
     transforms: list[str] = field(default_factory=list)
-    """Names in mllm.model.TRANSFORMS applied, in order, after the model is built."""
+    """Names in mllm.registry.TRANSFORMS (e.g. tinygptv_norms), applied in order."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Storage dtype of the frozen weights (trainable weights stay float32)."""
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    """Settings of the `qformer` connector (read only when model.projector is qformer)."""
+
+    def __post_init__(self):
+        # A model config read back from JSON (warren_vlm.json) carries the group as a dict.
+        if isinstance(self.qformer, dict):
+            self.qformer = QFormerConfig(**self.qformer)
 
 
 @dataclass
@@ -105,6 +140,10 @@ class LoraConfig:
     dropout: float = 0.05
     include_lm_head: bool = False
     """LLaVA/Bunny leave the output head out of LoRA; set true to include it."""
+    targets: list[str] = field(default_factory=list)
+    """Only the LM's linear layers whose names end with one of these (e.g. TinyGPT-V's
+    query_key_value/dense are [q_proj, k_proj, v_proj, dense] in transformers' Phi);
+    empty = every linear layer of the LM (LLaVA/Bunny)."""
 
 
 @dataclass
@@ -121,6 +160,24 @@ class StageConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_ratio: float = 0.03
+    warmup_steps: int | None = None
+    """Warmup in optimizer steps; when set, overrides warmup_ratio."""
+    schedule: Literal["cosine", "linear_warmup_cosine"] = "cosine"
+    """'cosine': transformers' get_cosine_schedule_with_warmup (linear 0 -> lr, then a
+    cosine to min_lr). 'linear_warmup_cosine': TinyGPT-V's (LAVIS')
+    LinearWarmupCosineLRScheduler: linear warmup_lr -> lr, then the cosine's value at the
+    current step of the whole run (it does not restart at the end of warmup)."""
+    min_lr: float = 0.0
+    """Where the cosine ends (TinyGPT-V stage 1: 8e-5)."""
+    warmup_lr: float = 0.0
+    """Where the warmup starts (TinyGPT-V: 1e-6)."""
+    lora: bool | None = None
+    """Wrap the LM in LoRA in this stage; None = the trainer stage's default (stage 1
+    no, stage 2 yes). TinyGPT-V's release has LoRA in all four stages."""
+    image_size: int | None = None
+    """Train (and export) the vision tower at this input size, its position embeddings
+    interpolated (bicubic) from the tower's own (TinyGPT-V: 224, then 448 in stage 4);
+    None = the tower's size."""
     epochs: float = 1.0
     max_steps: int | None = None
     """Optimizer steps; when set, overrides epochs."""
@@ -299,7 +356,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def validate(cfg: Config) -> list[str]:
     """Every cross-field problem of a structurally valid config, as readable lines."""
-    from mllm import projector, templates, tinygptv  # noqa: F401  (registries; tinygptv adds TinyGPT-V's options)
+    from mllm import registry
 
     p: list[str] = []
     v, lm = cfg.model.vision, cfg.model.lm
@@ -324,13 +381,16 @@ def validate(cfg: Config) -> list[str]:
             p.append("model.lm.hidden_size: must be divisible by num_heads")
         if lm.num_kv_heads is not None and lm.num_heads % max(lm.num_kv_heads, 1):
             p.append("model.lm.num_kv_heads: must divide num_heads")
-    if cfg.model.projector not in projector.REGISTRY:
+    if cfg.model.projector not in registry.projectors():
         p.append(f"model.projector: unknown '{cfg.model.projector}' "
-                 f"(known: {', '.join(sorted(projector.REGISTRY))})")
-    from mllm.model import TRANSFORMS
+                 f"(known: {', '.join(sorted(registry.projectors()))})")
+    known = registry.transforms()
     for t in cfg.model.transforms:
-        if t not in TRANSFORMS:
-            p.append(f"model.transforms: unknown '{t}' (known: {', '.join(sorted(TRANSFORMS)) or 'none'})")
+        if t not in known:
+            p.append(f"model.transforms: unknown '{t}' (known: {', '.join(sorted(known)) or 'none'})")
+    if len(set(cfg.model.transforms)) != len(cfg.model.transforms):
+        p.append("model.transforms: a name is listed twice")
+    p += _check_tgv_fields(cfg)
     if cfg.data.tokenizer == "local" and cfg.data.tokenizer_vocab_size < 64:
         p.append("data.tokenizer_vocab_size: must be >= 64")
     if cfg.data.max_length < 8:
@@ -345,9 +405,9 @@ def validate(cfg: Config) -> list[str]:
         p.append("lora.dropout: must be in [0, 1)")
     for n in (1, 2):
         s, w = cfg.stage(n), f"stage{n}"
-        if s.template not in templates.REGISTRY:
+        if s.template not in registry.templates():
             p.append(f"{w}.template: unknown '{s.template}' "
-                     f"(known: {', '.join(sorted(templates.REGISTRY))})")
+                     f"(known: {', '.join(sorted(registry.templates()))})")
         if s.lr <= 0 or (s.projector_lr is not None and s.projector_lr <= 0):
             p.append(f"{w}.lr: learning rates must be > 0")
         if not 0.0 <= s.warmup_ratio < 1.0:
@@ -367,4 +427,27 @@ def validate(cfg: Config) -> list[str]:
             p.append(f"{w}: save_every, log_every and keep_last must be > 0")
         if s.max_grad_norm is not None and s.max_grad_norm <= 0:
             p.append(f"{w}.max_grad_norm: must be > 0 or null")
+    return p
+
+
+def _check_tgv_fields(cfg: Config) -> list[str]:
+    """Checks of the Q-Former, LoRA-scope and schedule fields (TinyGPT-V's recipe)."""
+    p: list[str] = []
+    q = cfg.model.qformer
+    for name in ("num_query_tokens", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                 "cross_attention_frequency", "proj_hidden_size"):
+        if getattr(q, name) <= 0:
+            p.append(f"model.qformer.{name}: must be > 0")
+    if q.hidden_size % max(q.num_heads, 1):
+        p.append("model.qformer.hidden_size: must be divisible by num_heads")
+    if any(not t or not isinstance(t, str) for t in cfg.lora.targets):
+        p.append("lora.targets: expected non-empty module-name suffixes")
+    for n in (1, 2):
+        s, w = cfg.stage(n), f"stage{n}"
+        if s.min_lr < 0 or s.warmup_lr < 0:
+            p.append(f"{w}.min_lr / warmup_lr: must be >= 0")
+        if s.warmup_steps is not None and s.warmup_steps < 0:
+            p.append(f"{w}.warmup_steps: must be >= 0")
+        if s.image_size is not None and s.image_size <= 0:
+            p.append(f"{w}.image_size: must be > 0")
     return p

@@ -10,7 +10,8 @@ model computes the same function without dropout.
 
 Targets are named in full (`language_model.model.layers.0.self_attn.q_proj`, ...) rather
 than by suffix: suffixes such as `fc1`/`q_proj` also occur in the vision tower, which
-must get no adapters.
+must get no adapters. `LoraConfig.targets` narrows them to the LM layers whose names end
+with one of its suffixes (TinyGPT-V: attention only, [q_proj, k_proj, v_proj, dense]).
 """
 from __future__ import annotations
 
@@ -19,13 +20,20 @@ from torch import nn
 from mllm.config import LoraConfig
 
 
-def target_modules(vlm: nn.Module, include_lm_head: bool = False) -> list[str]:
-    """Full names of every nn.Linear inside the VLM's language model."""
+def target_modules(vlm: nn.Module, include_lm_head: bool = False,
+                   suffixes: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Full names of every nn.Linear inside the VLM's language model (only those whose
+    name ends with one of `suffixes`, when given)."""
+    from pipelines.errors import ConfigError
     head = vlm.language_model.get_output_embeddings()
     names = []
     for name, module in vlm.language_model.named_modules():
         if isinstance(module, nn.Linear) and (include_lm_head or module is not head):
+            if suffixes and not any(name == s or name.endswith("." + s) for s in suffixes):
+                continue
             names.append(f"language_model.{name}")
+    if suffixes and not names:
+        raise ConfigError(f"lora.targets: no linear layer of the LM ends with {list(suffixes)}")
     return names
 
 
@@ -35,7 +43,7 @@ def apply(vlm: nn.Module, cfg: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
     config = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
-                            target_modules=target_modules(vlm, cfg.include_lm_head))
+                            target_modules=target_modules(vlm, cfg.include_lm_head, cfg.targets))
     return get_peft_model(vlm, config)
 
 

@@ -6,10 +6,11 @@ protect the image span, and batches pad exactly). The model swaps those placehol
 embeddings for the projected patch features, in order: the k-th image in
 `pixel_values` fills the k-th run of placeholders in the batch (row-major).
 
-`build_vlm(cfg)` is the one place a model is assembled. Later options (TinyGPT-V's
-QK-norm and post-attention RMSNorm, a resampler connector) hook in either as a projector
-in `mllm.projector.REGISTRY` or as a named transform in `TRANSFORMS`, applied in the
-order `cfg.model.transforms` lists them.
+`build_vlm(cfg)` is the one place a model is assembled. The parts a config names are
+looked up in mllm.registry: the vision tower by `model.vision.arch`, the connector by
+`model.projector`, and `model.transforms` (e.g. TinyGPT-V's norms), whose LM settings are
+applied when the LM is built and whose hooks run after, in the order listed.
+`trainable_set` is the one place that says what trains in a stage.
 """
 from __future__ import annotations
 
@@ -21,18 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm import projector as projectors
-from mllm import vision as vision_mod
+from mllm import registry
 from mllm.config import Config, LMConfig, ModelConfig
 from pipelines.errors import WarrenError
 
 IGNORE_INDEX = -100
-
-# name -> fn(vlm, model_cfg) -> vlm; applied after the model is built.
-TRANSFORMS: dict[str, Callable[["VLM", ModelConfig], "VLM"]] = {}
-
-
-def register_transform(name: str, fn: Callable[["VLM", ModelConfig], "VLM"]) -> None:
-    TRANSFORMS[name] = fn
 
 
 class ImageTokenMismatch(WarrenError):
@@ -63,7 +57,7 @@ class VLM(nn.Module):
     # Read by transformers/peft utilities that walk sub-modules (weight conversions).
     base_model_prefix = ""
 
-    def __init__(self, vision: vision_mod.VisionTower, projector: projectors.Projector,
+    def __init__(self, vision: nn.Module, projector: projectors.Projector,
                  language_model: nn.Module, image_token_id: int):
         super().__init__()
         self.vision = vision
@@ -139,13 +133,23 @@ _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 
 
 def build_lm(cfg: LMConfig, vocab_size: int | None = None,
-             dtype: torch.dtype = torch.float32) -> nn.Module:
+             dtype: torch.dtype = torch.float32, transforms: list[str] = (),
+             **load_kwargs) -> nn.Module:
     """A causal LM from real weights (`cfg.name_or_path`: hub name such as microsoft/phi-2,
-    or a local folder) or a random one of `cfg.arch` with the dimensions in `cfg`.
-    `vocab_size` (the tokenizer's length) grows the embedding table when larger."""
-    from transformers import AutoModelForCausalLM
+    or a local folder) or a random one of `cfg.arch` with the dimensions in `cfg`, with
+    the LM settings of the named `transforms` (e.g. TinyGPT-V's norms; see
+    mllm.stabilizers). `vocab_size` (the tokenizer's length) grows the embedding table
+    when larger. `load_kwargs` go to from_pretrained (quantization_config, device_map)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mllm import stabilizers
+    registry.load_builtins()  # Warren's LM classes (norms) must be known to the Auto classes
+    settings = registry.lm_config(list(transforms), cfg.arch)
     if cfg.name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype)
+        config = stabilizers.with_norms(AutoConfig.from_pretrained(cfg.name_or_path),
+                                        settings.get("warren_norms"))
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=config, dtype=dtype,
+                                                     **load_kwargs)
     else:
         from transformers import LlamaConfig, PhiConfig, Qwen2Config
         config_cls = {"phi": PhiConfig, "llama": LlamaConfig, "qwen2": Qwen2Config}[cfg.arch]
@@ -157,33 +161,67 @@ def build_lm(cfg: LMConfig, vocab_size: int | None = None,
             kw["initializer_range"] = cfg.initializer_range
         if cfg.arch != "phi":
             kw["num_key_value_heads"] = cfg.num_kv_heads or cfg.num_heads
-        model = AutoModelForCausalLM.from_config(config_cls(**kw)).to(dtype)
+        config = stabilizers.with_norms(config_cls(**kw), settings.get("warren_norms"))
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
+    stabilizers.float_hooked_norms(model)
     if vocab_size and model.get_input_embeddings().num_embeddings < vocab_size:
         model.resize_token_embeddings(vocab_size, mean_resizing=False)
     return model
 
 
 def build_vlm(model_cfg: ModelConfig, image_token_id: int, vocab_size: int | None = None,
-              transforms: list[Callable[[VLM, ModelConfig], VLM]] | None = None) -> VLM:
-    """Assemble the VLM. Every dimension comes from `model_cfg`; real weights load where
-    it names them. The projector is always fresh (float32) here; training or
-    `mllm.export.load` fills it. `transforms` run after the named ones in the config."""
+              transforms: list[Callable[[VLM, ModelConfig], VLM]] | None = None,
+              pretrained_connector: bool = False, lm_load_kwargs: dict | None = None) -> VLM:
+    """Assemble the VLM. Every dimension comes from `model_cfg`; real tower and LM weights
+    load where it names them. The connector is fresh (float32) unless
+    `pretrained_connector` (the start of training: `from_config`) loads the weights its
+    config names (e.g. a BLIP-2 Q-Former); an export's own connector weights are loaded
+    by `mllm.export.load`. `transforms` run after the named ones in the config."""
     dtype = _TORCH_DTYPES[model_cfg.dtype]
-    tower = vision_mod.build(model_cfg.vision, dtype)
-    lm = build_lm(model_cfg.lm, vocab_size, dtype)
-    proj = projectors.build(model_cfg.projector, tower.hidden_size, lm.config.hidden_size)
+    tower = registry.vision_builder(model_cfg.vision.arch)(model_cfg.vision, dtype)
+    lm = build_lm(model_cfg.lm, vocab_size, dtype, model_cfg.transforms, **(lm_load_kwargs or {}))
+    proj = projectors.build(model_cfg.projector, tower.hidden_size, lm.config.hidden_size,
+                            **_connector_kwargs(model_cfg))
+    if pretrained_connector and hasattr(proj, "load_pretrained"):
+        proj.load_pretrained()
     vlm = VLM(tower, proj, lm, image_token_id)
     for name in model_cfg.transforms:
-        vlm = TRANSFORMS[name](vlm, model_cfg)
+        t = registry.transform(name)
+        if t.apply is not None:
+            vlm = t.apply(vlm, model_cfg)
     for fn in transforms or []:
         vlm = fn(vlm, model_cfg)
     return vlm
 
 
+def _connector_kwargs(model_cfg: ModelConfig) -> dict:
+    """Builder arguments a connector takes from the model config (the Q-Former's group)."""
+    registry.load_builtins()
+    builder = projectors.REGISTRY.get(model_cfg.projector)
+    return {"model_cfg": model_cfg} if getattr(builder, "takes_model_cfg", False) else {}
+
+
 def from_config(cfg: Config, tokenizer) -> VLM:
-    """The VLM for a trainer config and its tokenizer (which owns the `<image>` id)."""
+    """The VLM for a trainer config and its tokenizer (which owns the `<image>` id), with
+    the pretrained connector weights its config names."""
     from mllm.tokenizer import IMAGE_TOKEN
-    return build_vlm(cfg.model, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), len(tokenizer))
+    return build_vlm(cfg.model, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), len(tokenizer),
+                     pretrained_connector=True)
 
 
-from mllm import tinygptv  # noqa: E402,F401  (registers TinyGPT-V's transforms, projectors, templates)
+# ------------------------------------------------------------------ what trains
+
+def trainable_set(model: nn.Module, vlm: VLM, model_cfg: ModelConfig) -> list[str]:
+    """Make trainable, after the trainer froze everything (and wrapped LoRA, whose
+    adapters peft left trainable): the connector, float32, except the parts it keeps
+    frozen (`frozen_parts()`, e.g. TinyGPT-V's Q-Former and query tokens); and the LM
+    parameters the transforms name (e.g. TinyGPT-V's norm weights), float32. Returns
+    the names of every trainable parameter of `model`."""
+    from mllm import stabilizers
+    vlm.projector.float().requires_grad_(True)
+    frozen = getattr(vlm.projector, "frozen_parts", lambda: ())()
+    for part in frozen:
+        target = getattr(vlm.projector, part)
+        target.requires_grad_(False)
+    stabilizers.enable_trainable(vlm.language_model, registry.trainable_patterns(model_cfg.transforms))
+    return [n for n, p in model.named_parameters() if p.requires_grad]

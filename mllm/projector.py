@@ -50,6 +50,8 @@ def register(name: str, builder: Callable[..., Projector]) -> None:
 
 
 def build(name: str, vision_dim: int, lm_dim: int, **kwargs) -> Projector:
+    from mllm import registry
+    registry.load_builtins()  # Warren's optional connectors (qformer, resampler), once
     try:
         builder = REGISTRY[name]
     except KeyError:

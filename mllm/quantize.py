@@ -5,8 +5,9 @@
     mllm.generate.answer(loaded, image, prompt)
 
 Modes (only the language model's linear layers are quantised; the vision tower, the
-projector, the embeddings, norms and stabilisers stay as exported; the output head
-stays unquantised too, as transformers' bitsandbytes integration leaves `lm_head`):
+connector, the embeddings and every norm (TinyGPT-V's included) stay as exported; the
+output head stays unquantised too, as transformers' bitsandbytes integration leaves
+`lm_head`):
 
   none          mllm.export.load as is
   int8-dynamic  CPU. Each nn.Linear of the LM gets int8 weights and activations
@@ -27,8 +28,9 @@ stays unquantised too, as transformers' bitsandbytes integration leaves `lm_head
                 `load_in_8bit=` argument on from_pretrained any more (TinyGPT-V's
                 release used it). Needs a CUDA GPU and `pip install bitsandbytes`.
 
-Phi-2 (2.7B) weights: 5.4 GB in float16, ~2.9 GB in 8-bit, ~1.7 GB in 4-bit; the
-vision tower (SigLIP-SO400M, 0.4B) adds ~0.8 GB in float16.
+Phi-2 (2.7B) weights: 5.4 GB in float16, ~2.9 GB in 8-bit, ~1.7 GB in 4-bit; TinyGPT-V's
+EVA ViT-g (1.0B) adds ~2 GB in float16 and its Q-Former + linear layers (~0.1B) ~0.4 GB
+in float32 (bench/quantize.py measures them).
 """
 from __future__ import annotations
 
@@ -209,14 +211,10 @@ def check_gpu_quantization(device: str) -> None:
 
 
 def _load_bnb(folder: str, bits: int, dtype: str | None, device: str):
-    from transformers import AutoModelForCausalLM
-
     from mllm import export
-    from mllm import projector as projectors
     from mllm import tokenizer as tok_mod
-    from mllm import vision as vision_mod
     from mllm.data import ImageProcessor
-    from mllm.model import TRANSFORMS, VLM
+    from mllm.model import build_vlm
     from mllm.templates import get as get_template
     from safetensors.torch import load_file
 
@@ -230,20 +228,14 @@ def _load_bnb(folder: str, bits: int, dtype: str | None, device: str):
         lm=dataclasses.replace(saved.lm, name_or_path=os.path.join(folder, "language_model")))
     tokenizer = tok_mod.load(os.path.join(folder, "tokenizer"))
     with export.quiet_hf():
-        tower = vision_mod.build(model_cfg.vision, torch_dtype)
-        lm = AutoModelForCausalLM.from_pretrained(
-            model_cfg.lm.name_or_path, dtype=torch_dtype, device_map={"": device},
-            quantization_config=bnb_config(bits, torch_dtype))
-    proj = projectors.build(model_cfg.projector, tower.hidden_size, lm.config.hidden_size)
-    proj.load_state_dict(load_file(os.path.join(folder, "projector.safetensors")))
-    vlm = VLM(tower.to(device), proj.to(device), lm, meta["image_token_id"])
-    for name in model_cfg.transforms:
-        if name not in TRANSFORMS:
-            raise ConfigError(f"the export uses model transform '{name}', which is not registered: "
-                              "import mllm.tinygptv (or the module that registers it)")
-        vlm = TRANSFORMS[name](vlm, model_cfg)
-    for m in vlm.language_model.modules():  # the stabilisers (built on the CPU)
-        if getattr(m, "always_trainable", False):
+        # The LM's norms (TinyGPT-V's) come with it: its config names them.
+        vlm = build_vlm(model_cfg, meta["image_token_id"], len(tokenizer), lm_load_kwargs={
+            "device_map": {"": device}, "quantization_config": bnb_config(bits, torch_dtype)})
+    vlm.projector.load_state_dict(load_file(os.path.join(folder, "projector.safetensors")))
+    vlm.vision.to(device)
+    vlm.projector.to(device)
+    for m in vlm.language_model.modules():  # hooked norms are built before dispatch
+        if m.__class__.__name__ in ("RMSNorm", "HeadLayerNorm"):
             m.to(device)
     vlm.eval()
     mean, std = vlm.vision.normalisation

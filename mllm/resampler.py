@@ -1,7 +1,8 @@
 """A resampler connector: N learned queries cross-attend to the vision tokens.
 
-TinyGPT-V feeds Phi-2 the 32 query tokens of a BLIP-2 Q-Former instead of one token
-per patch. This is that idea as a Warren projector, next to `mlp2x_gelu`:
+Warren's own connector, trained from scratch (TinyGPT-V's is the frozen, pretrained
+BLIP-2 Q-Former: mllm.qformer). The idea of a fixed number of image tokens as a Warren
+projector, next to `mlp2x_gelu`:
 
     kv = Linear(vision_dim -> width)(patches)                   (B, P, width)
     q  = queries                                                 (B, N, width)
@@ -99,9 +100,7 @@ def _builder(num_queries: int):
 
 
 def register() -> None:
+    """Add `resampler` and `resampler{N}` to mllm.projector.REGISTRY (mllm.tinygptv.register)."""
     projectors.register("resampler", _builder(DEFAULT_QUERIES))
     for n in RESAMPLER_SIZES:
         projectors.register(f"resampler{n}", _builder(n))
-
-
-register()

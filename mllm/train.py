@@ -34,7 +34,7 @@ from mllm import checkpoint, distributed, export, lora
 from mllm import data as data_mod
 from mllm import tokenizer as tok_mod
 from mllm.config import Config, ModelConfig, StageConfig
-from mllm.model import VLM, from_config
+from mllm.model import VLM, from_config, trainable_set
 from mllm.sampler import GlobalBatchSampler, RankBatches
 from mllm.templates import BUNNY_SYSTEM
 from mllm.templates import REGISTRY as TEMPLATES
@@ -48,16 +48,45 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------- schedule
 
-def cosine_with_warmup(total_steps: int, warmup_steps: int):
-    """Multiplier of the base lr at step s: linear 0 -> 1 over warmup, then a cosine
-    from 1 to 0 at `total_steps` (the schedule of transformers'
-    get_cosine_schedule_with_warmup)."""
+def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float = 0.0,
+                       warmup_start: float = 0.0):
+    """Multiplier of the base lr at step s: linear `warmup_start` -> 1 over warmup, then
+    a cosine from 1 to `min_ratio` at `total_steps` (with the defaults, the schedule of
+    transformers' get_cosine_schedule_with_warmup)."""
     def factor(step: int) -> float:
         if step < warmup_steps:
-            return step / max(1, warmup_steps)
+            return warmup_start + (1.0 - warmup_start) * step / max(1, warmup_steps)
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return max(0.0, min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
     return factor
+
+
+def linear_warmup_cosine(total_steps: int, warmup_steps: int, lr: float, min_lr: float,
+                         warmup_lr: float):
+    """TinyGPT-V's (LAVIS') LinearWarmupCosineLRScheduler as a multiplier of `lr`: the lr
+    of optimizer step s (0-based; LAVIS sets it before the step) is
+
+        s < warmup:  min(lr, warmup_lr + (lr - warmup_lr) * s / warmup)
+        otherwise:   min_lr + (lr - min_lr) * (1 + cos(pi * s / total)) / 2
+
+    The cosine is over the whole run (max_epoch x iters_per_epoch steps) and does not
+    restart after warmup, so the first step after warmup is already below lr; with
+    min_lr > lr (TinyGPT-V's stage 4 as released) it rises towards min_lr."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            value = min(lr, warmup_lr + (lr - warmup_lr) * step / max(warmup_steps, 1))
+        else:
+            value = (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1))) + min_lr
+        return value / lr
+    return factor
+
+
+def schedule_for(s: StageConfig, total_steps: int):
+    """The lr multiplier of a stage (see StageConfig.schedule)."""
+    warm = s.warmup_steps if s.warmup_steps is not None else warmup_steps(total_steps, s.warmup_ratio)
+    if s.schedule == "linear_warmup_cosine":
+        return linear_warmup_cosine(total_steps, warm, s.lr, s.min_lr, s.warmup_lr)
+    return cosine_with_warmup(total_steps, warm, s.min_lr / s.lr, s.warmup_lr / s.lr)
 
 
 def warmup_steps(total_steps: int, ratio: float) -> int:
@@ -86,6 +115,8 @@ class Setup:
     table_sha256: str
     model_cfg: ModelConfig
     """Describes `vlm` (stage 2: the stage-1 export's, not cfg.model)."""
+    lora: bool = False
+    """Whether `model` is `vlm` wrapped in LoRA (merged into the final export)."""
 
 
 def stage_dir(output_dir: str, stage: int) -> str:
@@ -146,18 +177,18 @@ def prepare(cfg: Config, manifest_path: str, output_dir: str, stage: int,
         vlm, model_cfg = loaded.model, loaded.model_cfg
         if vlm.image_token_id != tokenizer.convert_tokens_to_ids(tok_mod.IMAGE_TOKEN):
             raise InputError("tokenizer and model disagree on the <image> id", path=init_from)
+    if s.image_size is not None and s.image_size != vlm.vision.image_size:
+        model_cfg = _resize_tower(vlm, model_cfg, s.image_size)
+    # What trains: LoRA where the stage uses it, the connector (less its frozen parts),
+    # and the LM parameters the model transforms name (e.g. TinyGPT-V's norms).
     vlm.requires_grad_(False)
-    if stage == 1:
-        model = vlm
-    else:
+    use_lora = s.lora if s.lora is not None else stage == 2
+    if use_lora:
         torch.manual_seed(cfg.run.seed + 1)  # LoRA A init
         model = lora.apply(vlm, cfg.lora)
-    vlm.projector.float().requires_grad_(True)
-    # Extension hook: modules a model transform marks `always_trainable` (e.g. TinyGPT-V's
-    # norms) train in every stage, in float32, whatever was frozen or wrapped above.
-    for module in model.modules():
-        if getattr(module, "always_trainable", False):
-            module.float().requires_grad_(True)
+    else:
+        model = vlm
+    trainable_set(model, vlm, model_cfg)
 
     mean, std = vlm.vision.normalisation
     processor = data_mod.ImageProcessor(vlm.vision.image_size, mean, std, cfg.data.image_aspect)
@@ -180,7 +211,17 @@ def prepare(cfg: Config, manifest_path: str, output_dir: str, stage: int,
     total = s.max_steps or math.ceil(s.epochs * sampler.steps_per_epoch)
     return Setup(cfg, stage, s, out, tokenizer, vlm, model, dataset, sampler,
                  data_mod.Collator(tokenizer.pad_token_id), accum, total,
-                 man.entry(s.table)["sha256"], model_cfg)
+                 man.entry(s.table)["sha256"], model_cfg, use_lora)
+
+
+def _resize_tower(vlm: VLM, model_cfg: ModelConfig, image_size: int) -> ModelConfig:
+    """The stage's image size (TinyGPT-V stage 4: 448): position embeddings interpolated,
+    and the model config (hence the export) saying so."""
+    import dataclasses
+
+    from mllm import eva
+    eva.resize(vlm.vision, image_size)
+    return dataclasses.replace(model_cfg, vision=dataclasses.replace(model_cfg.vision, image_size=image_size))
 
 
 def _reasons(dataset: data_mod.ConversationDataset) -> str:
@@ -303,8 +344,7 @@ def _train(cfg, manifest_path, output_dir, stage, resume, progress, d: distribut
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()
     optimizer = optimizer_for(setup)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(setup.total_steps, warmup_steps(setup.total_steps, s.warmup_ratio)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_for(s, setup.total_steps))
     resolved = cfg.to_dict()
     sampler_state = {**setup.sampler.state_dict(), "table_sha256": setup.table_sha256}
 
@@ -417,7 +457,7 @@ def _train(cfg, manifest_path, output_dir, stage, resume, progress, d: distribut
                "samples": len(setup.dataset), "accum": setup.accum, **row_counts}
     if d.is_main:
         final = os.path.join(out, "final")
-        final_model = lora.merge(model) if stage == 2 else vlm
+        final_model = lora.merge(model) if setup.lora else vlm
         export.save(final_model, setup.tokenizer, cfg, s.template, final, cfg.data.image_aspect,
                     model_cfg=setup.model_cfg)
         summary["final"] = final

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mllm_fixtures as fx
-import mllm.tinygptv  # noqa: F401  (registers the options)
+from mllm import registry
 from mllm import presets, projector, resampler
 from mllm.config import from_dict
 from mllm.model import ImageTokenMismatch, build_vlm
@@ -24,7 +24,7 @@ def one_thread():
 
 
 def test_registered_beside_mlp2x_gelu_and_accepted_by_the_config():
-    assert {"mlp2x_gelu", "resampler", "resampler8", "resampler64"} <= set(projector.REGISTRY)
+    assert {"mlp2x_gelu", "resampler", "resampler8", "resampler64"} <= set(registry.projectors())
     assert projector.build("resampler", 32, 64).num_queries == 32  # TinyGPT-V's count
     cfg = from_dict(presets.TINY, {"model.projector": "resampler16"})
     assert cfg.model.projector == "resampler16"

@@ -1,5 +1,11 @@
-"""Multi-task templates (task identifiers, boxes on a 0-100 grid) and tagging MIX
-records by task: masks checked token by token."""
+"""TinyGPT-V's prompts, token by token, on a tokenizer whose ids are known by hand; box
+corners truncated as TinyGPT-V does; tagging MIX records by task.
+
+The expected ids below are derived by hand: TinyGPT-V's prompt text (its configs and
+datasets), split as its code tokenizes it (the prompt cut at <ImageHere>, each piece and
+each answer + end symbol on their own, bos in front), each piece pre-tokenized with
+GPT-2's rule (Phi-2's tokenizer is GPT-2's byte-level BPE), each pre-token looked up in
+VOCAB. No tokenizer call produces an expected value."""
 from __future__ import annotations
 
 import subprocess
@@ -9,127 +15,148 @@ import pyarrow as pa
 import pytest
 
 import mllm_fixtures as fx
-import mllm.tinygptv  # noqa: F401  (registers the options)
-from mllm import multitask
+from mllm import multitask, registry
 from mllm.templates import IGNORE_INDEX, REGISTRY, ConversationError
 from mllm.templates import get as get_template
 from pipelines import schemas
-from pipelines.mix import tasks
 from pipelines.errors import ConfigError, InputError
+from pipelines.mix import tasks
 
-N_IMG = 4
-W, H = 200, 100
+registry.load_builtins()
+N_IMG = 3
+X = IGNORE_INDEX
 
-# One conversation per task, answers with boxes where the task has them.
-CASES = {
-    "vqa": ("What color is the shape?", "red."),
-    "caption": ("", "a red square on a white background."),
-    "refer": ("the red square", tasks.format_box((20, 10, 120, 90), W, H)),
-    "grounding": ("", f"a {tasks.format_grounded('red square', [(20, 10, 120, 90)], W, H)} on white."),
-    "identify": (tasks.format_box((20, 10, 120, 90), W, H), "a red square"),
-    "detection": ("red square", tasks.format_grounded("red square", [(20, 10, 120, 90), (0, 0, 50, 50)], W, H)),
-}
-
-
-def conv_for(task):
-    subject, answer = CASES[task]
-    return [{"from": "human", "value": multitask.instruction(task, subject)},
-            {"from": "gpt", "value": answer}]
+# A word-level vocabulary over GPT-2 byte-level pre-tokens (Ġ is a space, Ċ a newline).
+VOCAB = ["<|endoftext|>", "<pad>", "<image>", "<unk>",
+         "###", "Human", ":", "Ġ<", "Img", ">", "</", "ĠDescribe", "Ġthis", "Ġimage", "Ġin",  # 4-14
+         "Ġdetail", ".", "Ġ###", "Assistant", "Ġ", "A", "Ġred", "Ġsquare", ".###", "[",       # 15-24
+         "INST", "]", "Ġ[", "refer", "Ġgive", "Ġme", "Ġthe", "Ġlocation", "Ġof", "Ġ[/",       # 25-34
+         "{<", "10", "><", "15", "80", "85", ">}###", "ĠAnd", "Ġcolor", "?",                  # 35-44
+         "red", "ĠWhat", "Ġis", "Ġtwo", "Ġplus", "four", "a", "Ċ"]                             # 45-52
 
 
-def ids_of(tok, text):
-    return tok(text, add_special_tokens=False)["input_ids"]
+def known_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>",
+                                   unk_token="<unk>", additional_special_tokens=["<image>"])
 
 
-@pytest.mark.parametrize("task", tasks.TASKS)
-def test_each_task_template_masks_token_by_token(task):
-    tok = fx.local_tokenizer()
-    image_id = tok.convert_tokens_to_ids("<image>")
-    subject, answer = CASES[task]
-    question = multitask.INSTRUCTIONS[task].format(subject)
-    for name in ("tinygptv", f"tinygptv-{task}"):
-        ids, labels = get_template(name).encode(conv_for(task), tok, N_IMG)
-        # the expected sequence, segment by segment
-        pieces = [(ids_of(tok, "###Human: "), False), ([image_id] * N_IMG, False),
-                  (ids_of(tok, "\n"), False), (ids_of(tok, f"[{task}]"), False),
-                  (ids_of(tok, f" {question} "), False), (ids_of(tok, "###Assistant:"), False),
-                  (ids_of(tok, f" {answer}") + [tok.eos_token_id], True)]
-        want_ids = [i for p, _ in pieces for i in p]
-        want_labels = [i if trained else IGNORE_INDEX for p, trained in pieces for i in p]
-        assert ids == want_ids, name
-        assert labels == want_labels, name
-        trained = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
-        assert tok.decode(trained) == f" {answer}<|endoftext|>"
-        for i, lab in zip(ids, labels):
-            assert lab == IGNORE_INDEX or lab == i
+def human(v):
+    return {"from": "human", "value": v}
+
+
+def gpt(v):
+    return {"from": "gpt", "value": v}
+
+
+def test_stage3_prompt_token_by_token():
+    # train_configs/tinygptv_stage3.yaml: prompt_template '###Human: {} ###Assistant: ', end_sym '###';
+    # the prompt from MiniGPT-4's alignment.txt: '<Img><ImageHere></Img> Describe this image in detail.'
+    conv = [human("<image>\nDescribe this image in detail."), gpt("A red square.")]
+    ids, labels = get_template("tinygptv-instruct").encode(conv, known_tokenizer(), N_IMG)
+    want = ([0]                                        # bos
+            + [4, 5, 6, 7, 8, 9]                       # ###|Human|:|Ġ<|Img|>     ('###Human: <Img>')
+            + [2, 2, 2]                                # the image
+            + [10, 8, 9, 11, 12, 13, 14, 15, 16, 17, 18, 6, 19]  # </|Img|>|ĠDescribe|...|.|Ġ###|Assistant|:|Ġ
+            + [20, 21, 22, 23])                        # A|Ġred|Ġsquare|.###     ('A red square.' + '###')
+    assert ids == want
+    assert labels == [X] * 23 + [20, 21, 22, 23]
+    # tokenized as one string the answer would start 'ĠA' (not in VOCAB): the split matters
+    tok = known_tokenizer()
+    whole = tok("###Assistant: A red square.###", add_special_tokens=False)["input_ids"]
+    assert whole == [4, 18, 6, 3, 21, 22, 23] and ids[-6:] != whole[-6:]
+
+
+def test_stage4_prompt_token_by_token_with_a_second_turn():
+    # tinygptv_stage4.yaml: chat_template with MiniGPT-v2's '[INST] {} [/INST]'; its datasets write
+    # '<Img><ImageHere></Img> {instruction} ' (coco_dataset.py: '[refer] give me the location of {}'),
+    # later questions 'question ' (multitask_conversation.py), each after the bos text; end_sym '###'
+    conv = [human("<image>\n[refer] give me the location of the red square"), gpt("{<10><15><80><85>}"),
+            human("And the color?"), gpt("red")]
+    ids, labels = get_template("tinygptv").encode(conv, known_tokenizer(), N_IMG)
+    prompt = ([0]
+              + [24, 25, 26, 7, 8, 9]                  # [|INST|]|Ġ<|Img|>        ('[INST] <Img>')
+              + [2, 2, 2]
+              + [10, 8, 9, 27, 28, 26, 29, 30, 31, 32, 33, 31, 21, 22,  # </|Img|>|Ġ[|refer|]|Ġgive|...|Ġsquare
+                 19, 34, 25, 26])                      # Ġ|Ġ[/|INST|]   ('  [/INST]': two spaces)
+    answer1 = [35, 36, 37, 38, 37, 39, 37, 40, 41]     # {<|10|><|15|><|80|><|85|>}###
+    turn2 = [0, 24, 25, 26, 42, 31, 43, 44, 19, 34, 25, 26]  # bos '[INST] And the color?  [/INST]'
+    answer2 = [45, 4]                                  # red|###
+    assert ids == prompt + answer1 + turn2 + answer2
+    assert labels == [X] * len(prompt) + answer1 + [X] * len(turn2) + answer2
+    # the generation prompt is the training prefix
+    gen, _ = get_template("tinygptv").encode(conv[:1], known_tokenizer(), N_IMG, add_generation_prompt=True)
+    assert gen == prompt
+
+
+def test_stage4_text_only_and_stage1_2_captions_token_by_token():
+    tok = known_tokenizer()
+    # unnatural_instruction.py: the instruction alone, no image, no space added
+    ids, labels = get_template("tinygptv").encode([human("What is two plus two?"), gpt("four.")], tok, N_IMG)
+    assert ids == [0, 24, 25, 26, 46, 47, 48, 49, 48, 44, 34, 25, 26, 50, 23]
+    assert labels == [X] * 13 + [50, 23]
+    # stages 1-2: no prompt text at all; the caption + end_sym '\n' (MiniGPT4's default)
+    ids, labels = get_template("tinygptv-pretrain").encode(
+        [human("<image>\nDescribe the image briefly."), gpt("a red square")], tok, N_IMG)
+    assert ids == [0, 2, 2, 2, 51, 21, 22, 52] and labels == [X] * 4 + [51, 21, 22, 52]
+    with pytest.raises(ConversationError, match="takes an image"):
+        get_template("tinygptv-pretrain").encode([human("hi"), gpt("a")], tok, N_IMG)
+
+
+def test_the_image_marker_anywhere_becomes_img_in_front():
+    tok = known_tokenizer()
+    tpl = get_template("tinygptv-instruct")
+    front = tpl.encode([human("<image>\nDescribe this image in detail."), gpt("A")], tok, N_IMG)
+    back = tpl.encode([human("Describe this image in detail.\n<image>"), gpt("A")], tok, N_IMG)
+    assert front == back
 
 
 def test_per_task_template_tags_untagged_turns_like_the_mix_builder_would():
     tok = fx.local_tokenizer()
-    plain = [{"from": "human", "value": "<image>\ngive me the location of the red square"},
-             {"from": "gpt", "value": "{<10><10><60><90>}"}]
+    plain = [human("<image>\ngive me the location of the red square"), gpt("{<10><10><60><90>}")]
     by_template = get_template("tinygptv-refer").encode(plain, tok, N_IMG)
     by_tagging = get_template("tinygptv").encode(tasks.tag_conversation(plain, "refer"), tok, N_IMG)
     assert by_template == by_tagging
+    assert "[refer]" in tok.decode(by_template[0]) and "[refer]" not in tok.decode(
+        get_template("tinygptv").encode(plain, tok, N_IMG)[0])
     # an identifier already there wins over the template's default task
     tagged = tasks.tag_conversation(plain, "vqa")
     assert get_template("tinygptv-refer").encode(tagged, tok, N_IMG) == \
         get_template("tinygptv").encode(tagged, tok, N_IMG)
-
-
-def test_multi_turn_and_text_only_records_mask_every_answer():
-    tok = fx.local_tokenizer()
-    conv = [{"from": "human", "value": "<image>\n[vqa] What color is the shape?"},
-            {"from": "gpt", "value": "red."},
-            {"from": "human", "value": "And what shape is it?"},
-            {"from": "gpt", "value": "a square."}]
-    ids, labels = get_template("tinygptv").encode(conv, tok, N_IMG)
-    spans, cur = [], []
-    for i, lab in zip(ids, labels):
-        if lab != IGNORE_INDEX:
-            cur.append(i)
-        elif cur:
-            spans.append(cur)
-            cur = []
-    spans.append(cur) if cur else None
-    assert [tok.decode(s) for s in spans] == [" red.<|endoftext|>", " a square.<|endoftext|>"]
-    text = [{"from": "human", "value": "What is two plus two?"}, {"from": "gpt", "value": "four."}]
-    ids, labels = get_template("tinygptv").encode(text, tok, N_IMG)
-    assert tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]) == " four.<|endoftext|>"
-    # a task template leaves a text-only turn untagged, as the mix builder does
-    ids_vqa, labels_vqa = get_template("tinygptv-vqa").encode(text, tok, N_IMG)
-    assert (ids_vqa, labels_vqa) == (ids, labels) and "[vqa]" not in tok.decode(ids_vqa)
-    assert "[" not in tok.decode(ids)
-
-
-def test_generation_prompt_is_the_training_prefix():
-    tok = fx.local_tokenizer()
-    conv = conv_for("refer")
-    ids, labels = get_template("tinygptv").encode(conv, tok, N_IMG)
-    prompt, _ = get_template("tinygptv").encode(conv[:1], tok, N_IMG, add_generation_prompt=True)
-    first_trained = next(k for k, lab in enumerate(labels) if lab != IGNORE_INDEX)
-    assert ids[:first_trained] == prompt
+    # text-only turns stay untagged, as the mix builder leaves them
+    text = [human("What is two plus two?"), gpt("four.")]
+    assert get_template("tinygptv-vqa").encode(text, tok, N_IMG) == get_template("tinygptv").encode(text, tok, N_IMG)
 
 
 def test_require_task_refuses_untagged_image_turns():
-    tpl = multitask.TaskTemplate(name="strict", prefix="", user="{content} ", assistant="A:",
-                                 answer=" {content}{end}", require_task=True)
+    tpl = multitask._template("strict", "multitask", multitask.STAGE4_PROMPT, "###", require_task=True)
     with pytest.raises(ConversationError, match="task identifier"):
-        tpl.encode([{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "x"}],
-                   fx.local_tokenizer(), N_IMG)
+        tpl.encode([human("<image>\nhi"), gpt("x")], fx.local_tokenizer(), N_IMG)
 
 
-def test_all_task_templates_are_registered():
-    assert {"tinygptv", *(f"tinygptv-{t}" for t in tasks.TASKS)} <= set(REGISTRY)
+def test_all_templates_are_registered():
+    assert {"tinygptv", "tinygptv-instruct", "tinygptv-pretrain", *(f"tinygptv-{t}" for t in tasks.TASKS)} \
+        <= set(REGISTRY)
     assert tasks.TASKS == ("vqa", "caption", "refer", "grounding", "identify", "detection")
+    assert multitask.instruction("refer", "the cat") == "<image>\n[refer] give me the location of the cat"
 
 
 # ---------------------------------------------------------------------- boxes
 
-def test_boxes_on_a_0_to_100_grid():
-    assert tasks.format_box((20, 10, 120, 90), 200, 100) == "{<10><10><60><90>}"
+def test_box_corners_are_truncated_as_tinygptv_does():
+    # coco_dataset.py: a COCO box (x, y, w, h) in a 640x480 image -> corners x / w * 100, int()
+    x, y, w, h = 100, 50, 200, 300
+    assert tasks.format_box((x, y, x + w, y + h), 640, 480) == "{<15><10><46><72>}"  # 15.6 10.4 46.9 72.9
+    assert tasks.format_box((x, y, x + w, y + h), 640, 480, rounding="round") == "{<16><10><47><73>}"
+    assert tasks.format_box((20.6, 10.9, 120.99, 90.2), 200, 100) == "{<10><10><60><90>}"
     assert tasks.format_box((-5, 0, 250, 101), 200, 100) == "{<0><0><100><100>}"  # clamped
-    assert tasks.format_box((1, 1, 3, 3), 200, 100) == "{<0><1><2><3>}"  # rounded
+    assert tasks.format_grounded("cat", [(0, 0, 99, 59)], 200, 100) == "<p>cat</p> {<0><0><49><59>}"
+    assert tasks.format_grounded("cat", [(0, 0, 99, 59)], 200, 100, rounding="round") == \
+        "<p>cat</p> {<0><0><50><59>}"
     text = "a {<10><10><60><90>}<delim>{<0><0><25><50>} b"
     assert tasks.parse_boxes(text) == [(10, 10, 60, 90), (0, 0, 25, 50)]
     assert tasks.box_to_pixels((10, 10, 60, 90), 200, 100) == (20.0, 10.0, 120.0, 90.0)
@@ -137,7 +164,8 @@ def test_boxes_on_a_0_to_100_grid():
         tasks.parse_boxes("{<10><10><160><90>}")
     with pytest.raises(InputError, match="x2 < x1"):
         tasks.format_box((50, 0, 10, 10), 200, 100)
-    assert tasks.format_grounded("cat", [(0, 0, 100, 50)], 200, 100) == "<p>cat</p> {<0><0><50><50>}"
+    with pytest.raises(ConfigError, match="rounding"):
+        tasks.format_box((0, 0, 1, 1), 2, 2, rounding="floor")
 
 
 # ---------------------------------------------------------------------- tagging

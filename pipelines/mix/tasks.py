@@ -6,7 +6,8 @@ A multi-task record names its task in its first human turn, right after the imag
 
 The six identifiers are `[vqa]`, `[caption]`, `[refer]`, `[grounding]`, `[identify]` and
 `[detection]`. Boxes are written `{<x1><y1><x2><y2>}` with integer corners on a 0-100
-grid (fractions of the image width and height x 100), several boxes of one phrase
+grid (fractions of the image width and height x 100, truncated as TinyGPT-V does; rounding
+on request), several boxes of one phrase
 joined by `<delim>`, and a grounded phrase as `<p>phrase</p> {<..><..><..><..>}`.
 
 This module tags MIX-schema records (plain dicts or a pyarrow table) with these
@@ -106,17 +107,22 @@ def tag_conversation(conversations: list[dict], task: str | None) -> list[dict]:
 
 # ---------------------------------------------------------------------- boxes
 
-def format_box(box, width: float, height: float, grid: int = GRID) -> str:
-    """Pixel box (x1, y1, x2, y2) -> `{<x1><y1><x2><y2>}` on a 0..grid grid (rounded,
-    clamped to the image)."""
+def format_box(box, width: float, height: float, grid: int = GRID,
+               rounding: str = "truncate") -> str:
+    """Pixel box (x1, y1, x2, y2) -> `{<x1><y1><x2><y2>}` on a 0..grid grid, clamped to
+    the image. `rounding`: "truncate" (TinyGPT-V / MiniGPT-v2: `int(x / width * 100)`,
+    coco_dataset.py) or "round" (to the nearest grid line)."""
     x1, y1, x2, y2 = (float(v) for v in box)
     if width <= 0 or height <= 0:
         raise InputError(f"image size {width}x{height} must be positive")
     if x2 < x1 or y2 < y1:
         raise InputError(f"box {tuple(box)} has x2 < x1 or y2 < y1")
+    if rounding not in ("truncate", "round"):
+        raise ConfigError(f"unknown box rounding {rounding!r} (truncate or round)")
+    to_int = int if rounding == "truncate" else (lambda v: int(round(v)))
 
     def q(v: float, size: float) -> int:
-        return min(grid, max(0, int(round(v / size * grid))))
+        return min(grid, max(0, to_int(v / size * grid)))
     return f"{{<{q(x1, width)}><{q(y1, height)}><{q(x2, width)}><{q(y2, height)}>}}"
 
 
@@ -133,14 +139,15 @@ def parse_boxes(text: str, grid: int = GRID) -> list[tuple[int, int, int, int]]:
 
 
 def box_to_pixels(box, width: float, height: float, grid: int = GRID) -> tuple[float, ...]:
-    """Grid box -> pixel box (the inverse of format_box up to rounding)."""
+    """Grid box -> pixel box (the inverse of format_box up to its truncation/rounding)."""
     x1, y1, x2, y2 = box
     return (x1 / grid * width, y1 / grid * height, x2 / grid * width, y2 / grid * height)
 
 
-def format_grounded(phrase: str, boxes, width: float, height: float) -> str:
+def format_grounded(phrase: str, boxes, width: float, height: float, rounding: str = "truncate") -> str:
     """`<p>phrase</p> {<..>}<delim>{<..>}`: a phrase and its boxes (MiniGPT-v2)."""
-    return f"<p>{phrase}</p> " + "<delim>".join(format_box(b, width, height) for b in boxes)
+    return f"<p>{phrase}</p> " + "<delim>".join(format_box(b, width, height, rounding=rounding)
+                                                 for b in boxes)
 
 
 # ---------------------------------------------------------------------- rules
