@@ -187,7 +187,9 @@ class TinyGPTVTemplate(Template):
                 continue
             if IMAGE_TOKEN in text:
                 raise ConversationError("<image> inside an answer or a later turn")
-            tok = tokenizer(text, add_special_tokens=False)["input_ids"]
+            # Nothing in TinyGPT-V's prompts is a special token, so every piece is
+            # tokenized with special-token text split: content can never become eos.
+            tok = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
             ids += tok
             labels += tok if trained else [IGNORE_INDEX] * len(tok)
         return ids, labels

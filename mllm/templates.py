@@ -224,6 +224,10 @@ REGISTRY["phi2"] = REGISTRY["bunny"]
 
 
 def get(name: str) -> Template:
+    if name not in REGISTRY:
+        # Optional templates (TinyGPT-V's) are registered by one explicit call, not on import.
+        from mllm import registry
+        registry.load_builtins()
     try:
         return REGISTRY[name]
     except KeyError:
