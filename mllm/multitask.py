@@ -160,8 +160,8 @@ class TinyGPTVTemplate(Template):
                 head, _, tail = prompt.partition(IMAGE_TOKEN)
                 out += [(head, False), (IMAGE_TOKEN, False), (tail, False)] if IMAGE_TOKEN in prompt \
                     else [(prompt, False)]
-            else:
-                out.append((bos + prompt, False))
+            else:  # later turns: the bos text, then the prompt (MiniGPT-4's conversation)
+                out += [(bos, False), (prompt, False)]
             if k < len(answers):
                 out.append((answers[k] + end, True))
         return [(t, tr) for t, tr in out if t]
@@ -174,12 +174,11 @@ class TinyGPTVTemplate(Template):
         image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         ids: list[int] = []
         labels: list[int] = []
-        first = True
+        bos = bos_text(tokenizer)
         for text, trained in self.segments(conversations, tokenizer, add_generation_prompt):
-            if first:  # bos: TinyGPT-V prepends its embedding to every sample
+            if text == bos and not trained:  # TinyGPT-V's bos before every human turn
                 ids.append(bos_id(tokenizer))
                 labels.append(IGNORE_INDEX)
-                first = False
                 continue
             if text == IMAGE_TOKEN:
                 ids += [image_id] * num_image_tokens

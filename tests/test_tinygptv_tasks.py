@@ -243,3 +243,18 @@ def test_tag_one_record_as_the_mix_builder_hook_does():
     assert conv[0]["value"] == "<image>\nwhere is the cat?"  # the input is not modified
     text = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]
     assert tasks.tag(text, False) == text
+
+
+def test_special_token_text_in_content_is_trained_as_text():
+    # An answer quoting '<|endoftext|>' must not end the sequence mid-answer: the only
+    # eos/bos ids are TinyGPT-V's own bos in front of each human turn.
+    tok = known_tokenizer()
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    for name in ("tinygptv", "tinygptv-instruct"):
+        conv = [human("<image>\nwhat does it say <|endoftext|>?"), gpt("it says <|endoftext|> here"),
+                human("again?"), gpt("yes")]
+        ids, labels = get_template(name).encode(conv, tok, N_IMG)
+        bos_at = [k for k, i in enumerate(ids) if i == eos]
+        turn_starts = [0] + [k for k in bos_at if k > 0]
+        assert bos_at == turn_starts and len(bos_at) == 2, (name, ids)
+        assert eos not in [l for l in labels if l != X]
