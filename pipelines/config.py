@@ -218,7 +218,7 @@ def check_value(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
                 return None
             return _bad(where, value, type_name(tp), problems)
         inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
+        if len(inner) == 1 and (is_config_class(inner[0]) or typing.get_origin(inner[0]) is Literal):
             return check_value(value, inner[0], where, problems)
         for a in inner:
             trial: list[str] = []

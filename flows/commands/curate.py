@@ -52,6 +52,12 @@ def run(args) -> int:
         try:
             summary = curate.curate(config=args.config, overrides=args.overrides,
                                     output=args.output, dask_address=args.dask_address)
+        except OSError as e:       # a disk that filled, a folder that went read-only
+            from flows.cli import WRITE_ERRORS
+            from pipelines.errors import OutputError
+            if e.errno in WRITE_ERRORS:
+                raise OutputError(e.filename or cfg.output, e.strerror or str(e)) from e
+            raise
         finally:
             from pipelines import embed
             embed.shutdown()
