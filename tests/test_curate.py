@@ -313,3 +313,95 @@ def test_cli_bad_config_is_one_line(tmp_path):
                  "select: k must be >= 1 (got 0)", "output is required"):
         assert part in lines[0], part
     assert "Traceback" not in r.stderr
+
+
+# -- runs keyed by their input; errors inside flow runs -----------------------------------------
+SMALL_SETS = ["source.shard_rows=60", "source.coreset_shard_rows=100", "select.k=4",
+              "select.buckets=4", "embed.batch_size=32"]
+
+
+def test_a_changed_input_is_refused_and_restart_starts_over(tmp_path):
+    from flows.curate_config import INPUT_FILE, prepare
+    from pipelines.runkey import StaleRunError
+
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    (meta / "m1.parquet").write_bytes(b"one")
+    out = tmp_path / "run"
+    c = small_curate_config(str(meta), str(out))
+    prepare(c)                                          # the first run records its input
+    (out / "notes.txt").write_text("mine")
+    (out / "_work").mkdir()
+    (out / "coreset.parquet").write_bytes(b"old")
+    prepare(c)                                          # same input: resumes
+    (meta / "m2.parquet").write_bytes(b"two")
+    expect = (f"{out} holds a run made from a different input ({meta}: added m2.parquet); "
+              "pass --restart to start over, or choose another output folder")
+    with pytest.raises(StaleRunError) as e:
+        prepare(c)
+    assert str(e.value) == expect
+    # the command says the same in one line, before Prefect starts
+    args = [sys.executable, "-m", "flows.cli", "curate", "--config", os.path.join(CONFIGS, "demo.yaml"),
+            "--set", f"source.path={meta}", "--output", str(out)]
+    for s in SMALL_SETS:
+        args += ["--set", s]
+    r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"warren curate: error: {expect}"]
+    # a rewritten file is a change too
+    prepare(c, restart_run=True)
+    assert sorted(os.listdir(out)) == sorted(["notes.txt", INPUT_FILE, "curate_config.json"])
+    time.sleep(0.01)
+    (meta / "m1.parquet").write_bytes(b"ONE")
+    with pytest.raises(StaleRunError, match=r"changed m1\.parquet"):
+        prepare(c)
+
+
+@pytest.mark.slow
+def test_error_inside_the_flow_is_one_line_and_fails_the_run(demo_pool, prefect_api, tmp_path):
+    """Every download fails (the image server is gone): the command stops after the download
+    stage with one line (no Prefect traceback), exit 2, and Prefect records the flow runs as
+    Failed with that message."""
+    import asyncio
+    import socket
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    with socket.socket() as s:          # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    t = pq.read_table(demo_pool[2])
+    base = demo_pool[1]
+    urls = [u.replace(base, f"http://127.0.0.1:{dead}") for u in t.column("url").to_pylist()]
+    import pyarrow as pa
+    meta = tmp_path / "gone.parquet"
+    pq.write_table(t.set_column(t.schema.get_field_index("url"), "url", pa.array(urls)), meta)
+    out = str(tmp_path / "run")
+    args = [sys.executable, "-m", "flows.cli", "curate", "--config", os.path.join(CONFIGS, "demo.yaml"),
+            "--set", f"source.path={meta}", "--output", out]
+    for s in SMALL_SETS:
+        args += ["--set", s]
+    r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PREFECT_API_URL": prefect_api})
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "Finished in state" not in r.stderr, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    uids = t.column("uid").to_pylist()
+    first_dead = urls[uids.index(min(uids[:60]))]     # shard 0's smallest uid (any URL is dead)
+    msg = (f"0 of 180 downloads succeeded (first error: {first_dead}: <urlopen error [Errno 111] "
+           "Connection refused>); check that the image server is reachable, then rerun the same "
+           "command to resume")
+    assert lines[-1] == f"warren curate: error: {msg}"
+    assert r.stderr.count("downloads succeeded") == 1
+    # the other lines are the random-weights note and the download progress
+    assert all(x.startswith(("note: ", "download: ")) for x in lines[:-1]), lines
+    assert any(x.startswith("download: 180/180 rows (3/3 shards)") for x in lines), lines
+
+    async def failed_messages():
+        async with get_client() as client:
+            runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.FAILED]))))
+            return {fr.name: fr.state.message for fr in runs if msg in (fr.state.message or "")}
+    failed = asyncio.run(failed_messages())
+    assert len(failed) == 2, failed          # `curate` and its sub-flow `curate-run`

@@ -113,9 +113,13 @@ def slow_pool(demo_pool, tmp_path):
         def log_message(self, *a):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(Handler, directory=root))
-    server.daemon_threads = True
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request, client_address):
+            pass        # clients killed mid-response are the point of these tests
+
+    server = Server(("127.0.0.1", 0), functools.partial(Handler, directory=root))
     server.request_queue_size = 256
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
