@@ -20,6 +20,7 @@ import time
 
 OUR_LOGGERS = ("flows", "pipelines", "mllm")
 _ENABLED = [False]
+_PREFECT_LEVEL = [None]     # None: Prefect's records stay off the terminal (unless -v)
 _BARS: dict[str, "Progress"] = {}
 _LOCK = threading.Lock()
 
@@ -155,8 +156,14 @@ class _ConsoleFilter(logging.Filter):
         if name.split(".")[0] in OUR_LOGGERS or name == "__main__":
             return True
         if name.startswith("prefect") or "/prefect/" in (record.pathname or ""):
-            return False
+            return _PREFECT_LEVEL[0] is not None and record.levelno >= _PREFECT_LEVEL[0]
         return record.levelno >= logging.ERROR
+
+
+def show_prefect(level: int | None = logging.INFO) -> None:
+    """Let Prefect's own records from `level` up reach the terminal (`warren serve`,
+    whose console is a server log); None hides them again."""
+    _PREFECT_LEVEL[0] = level
 
 
 def setup_logging(verbose: bool = False) -> None:

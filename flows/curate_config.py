@@ -20,7 +20,7 @@ from typing import Literal
 
 from flows import runners
 from pipelines import config, download, embed, runkey, select, storage
-from pipelines.errors import ConfigError, OutputError
+from pipelines.errors import ConfigError, InputError, OutputError
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,15 @@ OWN_ENTRIES = ("_work", "pool", "embeddings", "images", "coreset.parquet", "reje
                "report.html", INPUT_FILE, CONFIG_FILE)
 
 
+def check_input(c: CurateConfig) -> None:
+    """A local source.path must exist before a run is keyed by it."""
+    p = c.source.path
+    if "://" in p and not p.startswith("file://"):
+        return
+    if not os.path.exists(p.removeprefix("file://")):
+        raise InputError("not found (source.path)", path=p)
+
+
 def check_output(c: CurateConfig) -> None:
     """The output is a folder (or can be one), and is apart from the input."""
     out = c.output
@@ -221,6 +230,7 @@ def _changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
 def prepare(c: CurateConfig, restart_run: bool = False) -> None:
     """Everything checked before any work: output apart from input and writable, then
     (after --restart's cleanup) the same config and input as a run already there."""
+    check_input(c)
     check_output(c)
     if restart_run:
         restart(c)
