@@ -157,7 +157,8 @@ def test_disk_full_mid_run_is_one_line(tmp_path, mount_tmpfs, prefect_api):
     out = os.path.join(full, "run")
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
     r = warren("curate", "--config", DEMO, "--set", "source.kind=embeddings",
-               "--set", f"source.path={src}", "--set", "select.k=4", "--set", "coreset_images=none",
+               "--set", f"source.path={src}", "--set", "source.uid_column=key", "--set", "select.k=4",
+               "--set", "coreset_images=none",
                "--set", "report=false", "--output", out, env=env, timeout=600)
     line = one_error_line(r, "curate")
     assert line.startswith("cannot write ") and out in line, line
@@ -174,3 +175,26 @@ def test_error_line_for_os_errors():
     assert error_line(FileNotFoundError(errno.ENOENT, "No such file or directory", "/in/m")) == \
         "/in/m: No such file or directory"
     assert error_line(InputError("bad\n  thing", path="p")) == "p: bad thing"
+
+
+def test_progress_lines_say_rows_rate_and_eta():
+    import io
+
+    from flows.console import Progress
+    out = io.StringIO()
+    p = Progress("download", {0: 100, 1: 100, 2: 50}, stream=out, interval=3600, tty=False)
+    p.update(0, 40)
+    p.update(0, 30)                      # never backwards
+    p.update(1, 500)                     # never past a shard's rows
+    assert out.getvalue() == ""          # nothing until a stage ends or `interval` passes
+    assert p.rows() == 140
+    assert re.fullmatch(r"download: 140/250 rows \(0/3 shards\), [\d.,]+ rows/s, ETA \d+:\d\d", p.line())
+    p.shard_done(0)
+    p.shard_done(1)
+    p.shard_done(2)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and re.fullmatch(
+        r"download: 250/250 rows \(3/3 shards\), [\d.,]+ rows/s, \d+:\d\d elapsed", lines[0])
+    b = Progress("dedup", {0: 1, 1: 1}, stream=io.StringIO(), tty=False, unit="buckets")
+    b.shard_done(0)
+    assert re.fullmatch(r"dedup: 1/2 buckets, [\d.,]+ buckets/s, ETA \d+:\d\d", b.line())

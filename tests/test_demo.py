@@ -35,6 +35,12 @@ def test_warren_demo_command(prefect_api, tmp_path):
     dropped = sum(fate.get(u) == "duplicate" for u in copies)
     assert dropped >= 0.5 * len(copies), (dropped, len(copies))
     assert "planted groups collapsed to one member" in r.stderr
+    # the console: per-stage progress with rows, rate and ETA; no third-party chatter
+    import re
+    assert re.search(r"^download: 400/400 rows \(2/2 shards\), [\d.,]+ rows/s, ", r.stderr, re.M)
+    assert re.search(r"^embed: [\d,]+/[\d,]+ rows \(2/2 shards\), [\d.,]+ rows/s, ", r.stderr, re.M)
+    for noise in ("INFO root", "WARNING root", "HTTP Request", "Finished in state", "Traceback"):
+        assert noise not in r.stderr, noise
 
     # stage 1 = the coreset's captions; the mix = Bunny-695K at 1/500 on synthetic sources
     from pipelines import manifest
