@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -577,14 +578,19 @@ def _download_inline(args: dict) -> None:
 
 def _main(argv: list[str]) -> int:
     """Subprocess entry: download one part with the img2dataset arguments in argv[0]."""
-    lifeline.from_env()       # a SIGKILLed parent takes this download with it
+    args = json.loads(argv[0])
+    # a SIGKILLed parent takes this download with it, and img2dataset's own processes too
+    if args["processes_count"] == 1:
+        lifeline.from_env()
+    else:
+        lifeline.take_children_along()
+        lifeline.from_env(signal.SIGTERM)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
         import img2dataset
     except ImportError:
         print("img2dataset is not installed: pip install img2dataset", file=sys.stderr)
         return 3
-    args = json.loads(argv[0])
     if args["processes_count"] == 1:
         _download_inline(args)
     else:

@@ -92,11 +92,24 @@ def child_env(env: dict | None = None) -> dict:
     return {**(os.environ if env is None else env), ENV: str(os.getpid())}
 
 
-def from_env() -> None:
-    """In a child started with `child_env()`: die with the parent that started us."""
+def from_env(sig: int = signal.SIGKILL) -> None:
+    """In a child started with `child_env()`: die (`sig`) with the parent that started us."""
     pid = os.environ.pop(ENV, None)
     if pid and pid.isdigit():
-        die_with_parent(int(pid))
+        die_with_parent(int(pid), sig)
+
+
+def take_children_along() -> None:
+    """For a child that starts processes of its own (img2dataset's pool): on SIGTERM,
+    kill every multiprocessing child, then exit. Pair with `from_env(signal.SIGTERM)`."""
+    import multiprocessing
+
+    def die(signum, frame):
+        for p in multiprocessing.active_children():
+            p.kill()
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, die)
 
 
 def worker_init(main_pid: int) -> None:

@@ -200,3 +200,37 @@ def test_lifeline_child_dies_with_its_parent(tmp_path):
     started = lifeline.start_time(child)
     assert lifeline.alive(child, started)
     kill_and_check_no_child_left(mid, {child: (started, "child")}, deadline_s=60)
+
+
+DOWNLOAD_DRIVER = """
+import sys
+from pipelines import download
+part, work = sys.argv[1], sys.argv[2]
+download.download_part(part, work + "/p", work + "/images.parquet", work + "/rej.parquet",
+                       download.DownloadConfig(processes=2, threads=2, subshard_rows=20))
+"""
+
+
+@pytest.mark.slow
+def test_img2dataset_processes_go_with_the_download(slow_pool, tmp_path):
+    """With download.processes > 1, img2dataset starts a pool of its own: killing the
+    process that started the download takes the download and that pool along."""
+    from pipelines import download
+    work = str(tmp_path / "w")
+    download.split_input(slow_pool, work, 1000)
+    part = download.read_parts(work)[0]
+    driver = tmp_path / "driver.py"
+    driver.write_text(DOWNLOAD_DRIVER)
+    log = str(tmp_path / "driver.log")
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, str(driver), part, work], cwd=REPO, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # the download subprocess and img2dataset's pool (spawned workers) are up
+        kids = wait_for(proc, lambda k: has(k, "pipelines.download")
+                        and sum("multiprocessing" in c for _, c in k.values()) >= 2, log)
+        took = kill_and_check_no_child_left(proc, descendants(proc.pid))
+        print(f"{len(kids)} children gone {took:.1f} s after the SIGKILL")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
