@@ -16,6 +16,9 @@ into the same output folder skips the finished units and ends with the same core
 
 `curate` is the flow deployments serve (`flows/serve.py`, `prefect.yaml`): it loads the
 config file with overrides, then runs `curate_run` as a subflow on the chosen runner.
+`curate_run` first checks the run folder (flows/curate_config.py: output apart from the
+input, the same config and input as a run already there). A Warren error inside fails
+the flow runs with its message; the command prints it as one line.
 """
 from __future__ import annotations
 
