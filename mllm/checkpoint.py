@@ -11,15 +11,23 @@ A checkpoint is written into a temporary folder and renamed into place, so a fol
 named `step-*` is always complete; a kill mid-write leaves only a `.tmp-*` folder,
 which the next save or resume removes. The frozen weights are not saved: they are
 rebuilt the same way (seeded random init, or the same pretrained/export folder).
+
+A `step-*` folder can still be damaged afterwards (a disk that filled, a copy cut short,
+a bad sector): `load` reads every file of a checkpoint before changing anything, and when
+the newest one does not read it says so in one warning line and resumes from the
+newest older one that does; when none does, it stops with an error listing why.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
 import random
 import re
 import shutil
 import uuid
+import zipfile
 
 import numpy as np
 import torch
@@ -27,6 +35,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from pipelines.errors import InputError
+
+log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -110,27 +120,84 @@ def latest(root: str) -> str | None:
     return os.path.join(root, "checkpoints", f"step-{steps[-1]:08d}") if steps else None
 
 
+class CorruptCheckpoint(InputError):
+    """A checkpoint folder whose files do not read back."""
+
+
+def read(path: str, rank: int = 0) -> dict:
+    """Every file of one checkpoint, read and parsed (nothing applied yet). A file that
+    is missing, truncated or not what it should be raises CorruptCheckpoint."""
+    def bad(what: str, e: Exception | str) -> CorruptCheckpoint:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return CorruptCheckpoint(f"{what} does not read ({reason})", path=path)
+
+    try:
+        with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or "step" not in state or "scheduler" not in state:
+            raise ValueError("no step or scheduler")
+    except (OSError, ValueError) as e:
+        raise bad("state.json", e) from None
+    out = {"state": state}
+    for key, name in (("weights", "trainable.safetensors"), ("rng", f"rng-rank{rank}.safetensors")):
+        file = os.path.join(path, name)
+        if key == "rng" and not os.path.exists(file):
+            out["rng"] = None       # not damage: another world size (load says so)
+            continue
+        try:
+            out[key] = load_file(file)
+        except Exception as e:  # noqa: BLE001 — safetensors raises its own error types
+            raise bad(name, e) from None
+    try:
+        out["optimizer"] = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True,
+                                      map_location="cpu")
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
+            ValueError) as e:
+        raise bad("optimizer.pt", e) from None
+    return out
+
+
 def load(path: str, model, optimizer, scheduler, rank: int = 0) -> dict:
-    """Restore a checkpoint in place; returns its state.json (step, sampler, ...)."""
-    with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
-        state = json.load(f)
-    weights = load_file(os.path.join(path, "trainable.safetensors"))
+    """Restore a checkpoint in place; returns its state.json (step, sampler, ...).
+
+    `path` is normally the latest checkpoint; if it does not read, the newest older
+    intact one under the same `checkpoints/` folder is used (one warning line)."""
+    ckdir = os.path.dirname(os.path.abspath(path))
+    m = STEP_DIR.match(os.path.basename(os.path.abspath(path)))
+    older = [] if m is None else [os.path.join(ckdir, f"step-{s:08d}")
+                                  for s in reversed(list_steps(os.path.dirname(ckdir)))
+                                  if s < int(m.group(1))]
+    problems = []
+    for candidate in [path] + older:
+        try:
+            got = read(candidate, rank)
+        except CorruptCheckpoint as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            log.warning("checkpoint %s is damaged (%s); resuming from %s instead",
+                        os.path.basename(path), problems[0], os.path.basename(candidate))
+        return _apply(candidate, got, model, optimizer, scheduler, rank)
+    raise InputError(f"no intact checkpoint to resume from ({'; '.join(problems)}); "
+                     "start again without --resume in a new output folder", path=ckdir)
+
+
+def _apply(path: str, got: dict, model, optimizer, scheduler, rank: int) -> dict:
+    state, weights = got["state"], got["weights"]
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     unknown = [n for n in weights if n not in params]
     if missing or unknown:
         raise InputError(f"checkpoint does not fit the model (missing {missing[:3]}, "
                          f"unexpected {unknown[:3]}): was it written by another config?", path=path)
+    if got["rng"] is None:
+        raise InputError(f"no RNG state for rank {rank}: resume with the same number of "
+                         f"processes ({state.get('world_size')})", path=path)
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True,
-                                         map_location="cpu"))
+    optimizer.load_state_dict(got["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    rng_file = os.path.join(path, f"rng-rank{rank}.safetensors")
-    if not os.path.exists(rng_file):
-        raise InputError(f"no RNG state for rank {rank}: resume with the same number of "
-                         f"processes ({state.get('world_size')})", path=path)
-    set_rng_state(load_file(rng_file))
+    set_rng_state(got["rng"])
     _set_py_np_rng(state)
     return state

@@ -9,15 +9,11 @@ Each YAML in configs/train/ starts with a comment giving the command that runs i
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import yaml
-
+from pipelines import config as shared_config
 from pipelines.errors import ConfigError
 
 
@@ -227,104 +223,17 @@ class Config:
 
 
 # ---------------------------------------------------------------- loading and checks
+# The loader is pipelines.config (one mechanism for curate, mix and train): it checks
+# every value against the field's type hint, names unknown keys, and collects every
+# problem with its dotted name; `validate` below adds the cross-field checks.
 
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _check_value(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
-    """Coerce/check one YAML value against a type hint; append a problem if it fails."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _check_value(value, inner[0], where, problems) if len(inner) == 1 else value
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            problems.append(f"{where}: {value!r} is not one of {list(allowed)}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            problems.append(f"{where}: expected a list, got {value!r}")
-            return value
-        (item,) = typing.get_args(tp)
-        return [_check_value(v, item, f"{where}[{i}]", problems) for i, v in enumerate(value)]
-    if _is_dataclass_type(tp):
-        return _merge(tp(), value, where, problems)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            # YAML reads 5e-4 (no dot) as a string: accept it when it parses.
-            try:
-                return float(value) if isinstance(value, str) else _bad(where, value, "a number", problems)
-            except ValueError:
-                return _bad(where, value, "a number", problems)
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            return _bad(where, value, "an integer", problems)
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            return _bad(where, value, "true or false", problems)
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            return _bad(where, value, "a string", problems)
-        return value
-    return value
-
-
-def _bad(where: str, value: Any, what: str, problems: list[str]) -> Any:
-    problems.append(f"{where}: expected {what}, got {value!r}")
-    return value
-
-
-def _merge(default: Any, data: Any, where: str, problems: list[str]) -> Any:
-    """Apply a YAML mapping onto a dataclass instance (its defaults), recursively."""
-    if data is None:
-        return default
-    if not isinstance(data, dict):
-        problems.append(f"{where}: expected a mapping, got {data!r}")
-        return default
-    cls = type(default)
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        sub = f"{where}.{key}"
-        if key not in names:
-            problems.append(f"{sub}: unknown key (known: {', '.join(sorted(names))})")
-        elif _is_dataclass_type(hints[key]):
-            kwargs[key] = _merge(getattr(default, key), value, sub, problems)
-        else:
-            kwargs[key] = _check_value(value, hints[key], sub, problems)
-    return dataclasses.replace(default, **kwargs)
-
-
-def _set_dotted(doc: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = doc
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {key}: '{p}' is not a group")
-    node[parts[-1]] = value
-
-
-def from_dict(doc: dict | None, overrides: dict[str, Any] | None = None,
+def from_dict(doc: dict | None, overrides: dict[str, Any] | list[str] | None = None,
               source: str | None = None) -> Config:
     """Build and validate a Config from a mapping plus dotted overrides
-    (e.g. {"stage1.max_steps": 10})."""
-    doc = copy.deepcopy(doc or {})  # overrides must not leak into the caller's mapping
-    for key, value in (overrides or {}).items():
-        _set_dotted(doc, key, value)
+    (e.g. {"stage1.max_steps": 10}, or ["stage1.max_steps=10"] as `--set` gives them)."""
+    doc = shared_config.apply_overrides(doc or {}, overrides)  # a copy: the caller's stays
     problems: list[str] = []
-    cfg = _merge(Config(), doc, "", problems)
-    # _merge prefixes keys with '.' at the top level; strip it for readable messages.
-    problems = [p[1:] if p.startswith(".") else p for p in problems]
+    cfg = shared_config.merge(Config(), doc, "", problems)
     if not problems:
         problems = validate(cfg)
     if problems:
@@ -332,26 +241,21 @@ def from_dict(doc: dict | None, overrides: dict[str, Any] | None = None,
     return cfg
 
 
-def load(path: str, overrides: dict[str, Any] | None = None) -> Config:
+def load(path: str, overrides: dict[str, Any] | list[str] | None = None) -> Config:
     """Read a YAML config file (see configs/train/) and validate it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ConfigError("file not found", source=str(path)) from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"not valid YAML ({e})", source=str(path)) from None
-    if doc is not None and not isinstance(doc, dict):
-        raise ConfigError("the top level must be a mapping", source=str(path))
-    return from_dict(doc, overrides, source=str(path))
+    return from_dict(shared_config.load_yaml(str(path), "trainer config"), overrides,
+                     source=str(path))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """'stage1.max_steps=10' -> ('stage1.max_steps', 10) (the value is read as YAML)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key=value")
-    key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    """'stage1.max_steps=10' -> ('stage1.max_steps', 10) (the value is read as YAML;
+    a malformed value is a ConfigError naming the field)."""
+    return shared_config.parse_override(text)
+
+
+def help_text() -> str:
+    """Every key of a trainer config with its default (what `warren train --help` lists)."""
+    return shared_config.help_text(Config(), "config keys (YAML groups; override with --set KEY=VALUE):")
 
 
 def validate(cfg: Config) -> list[str]:

@@ -6,8 +6,11 @@ that also keeps its spawn pool, wandb and albumentations imports out of the call
 
 Steps, each resumable (completion markers under the work folder):
 - `split_input`: LAION-style metadata (url, caption, uid) -> fixed parts of
-  `shard_rows` rows, checked (columns, null or duplicate uids); rows without a URL
-  become rejects. The split fixes the shard -> task mapping for every later step.
+  `shard_rows` rows, checked (columns, null or duplicate uids); rows without a URL, or
+  whose URL scheme is not allowed (http and https unless `url_schemes` adds others:
+  img2dataset's urllib would otherwise read `file:///etc/...` or `ftp://`), become
+  rejects before anything is fetched. The split fixes the shard -> task mapping for
+  every later step.
 - `download_part`: one part through img2dataset (parquet output, incremental, the uid
   carried as an additional column), then folded into one table per part: the images
   (schema IMAGES + url, caption) and the failures as rejects with a reason. Rows are
@@ -20,17 +23,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import schemas, storage
+from pipelines import lifeline, schemas, storage
 from pipelines.errors import ConfigError, InputError, MissingDependencyError, WarrenError
 
 
@@ -48,6 +53,11 @@ FILTERED = "filtered_image"      # too small, too large, bad aspect ratio (confi
 DISALLOWED = "disallowed"        # X-Robots-Tag: noai and friends
 FAILED = "download_error"        # anything else; the message is counted in the stats
 MISSING_URL = "missing_url"
+BAD_URL_SCHEME = "bad_url_scheme"  # not one of the allowed schemes (file:, ftp:, data:, a bare path)
+
+DEFAULT_SCHEMES = ("http", "https")
+# "scheme://" at the start of a URL (RFC 3986 scheme characters)
+_SCHEME = r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://"
 
 
 @dataclass(frozen=True)
@@ -63,9 +73,10 @@ class DownloadConfig:
     resize_only_if_bigger: bool = True
     encode_quality: int = 95
     min_image_size: int = 0
-    max_aspect_ratio: float = float("inf")
+    max_aspect_ratio: float | None = None   # null: no limit
     user_agent_token: str | None = None
     disallowed_header_directives: tuple[str, ...] | None = None   # None: img2dataset's default
+    url_schemes: tuple[str, ...] = DEFAULT_SCHEMES   # others (e.g. s3) only if img2dataset reads them
 
     def __post_init__(self):
         p = []
@@ -81,28 +92,16 @@ class DownloadConfig:
             p.append("image_size must be >= 8")
         if not 1 <= self.encode_quality <= 100:
             p.append("encode_quality must be in [1, 100]")
+        if self.max_aspect_ratio is not None and self.max_aspect_ratio < 1:
+            p.append(f"max_aspect_ratio must be >= 1 or null (got {self.max_aspect_ratio})")
+        bad = [x for x in self.url_schemes if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.\-]*", str(x))]
+        if bad or not self.url_schemes:
+            p.append(f"url_schemes must be scheme names such as http, https, s3 (got {list(self.url_schemes)})")
         if p:
             raise ConfigError(p, source="download config")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        if d["max_aspect_ratio"] == float("inf"):
-            d["max_aspect_ratio"] = None
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DownloadConfig":
-        d = dict(d)
-        if d.get("max_aspect_ratio") is None:
-            d.pop("max_aspect_ratio", None)
-        if isinstance(d.get("disallowed_header_directives"), list):
-            d["disallowed_header_directives"] = tuple(d["disallowed_header_directives"])
-        names = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError([f"unknown download option '{u}'" for u in unknown],
-                              source="download config")
-        return cls(**d)
+        return asdict(self)
 
 
 # -- input -------------------------------------------------------------------------------
@@ -117,13 +116,27 @@ def _input_files(path: str) -> list[str]:
     return [str(path)]
 
 
+def url_checks(url: pa.ChunkedArray | pa.Array, schemes: Sequence[str] = DEFAULT_SCHEMES):
+    """(missing, bad_scheme): boolean arrays over `url`. Missing: null or blank; bad
+    scheme: a URL whose `scheme://` is absent or not in `schemes` (case-insensitive)."""
+    trimmed = pc.utf8_trim_whitespace(url)
+    missing = pc.fill_null(pc.equal(trimmed, ""), True)
+    scheme = pc.struct_field(pc.extract_regex(trimmed, _SCHEME), [0])
+    allowed = pa.array(sorted({str(x).lower() for x in schemes}), pa.string())
+    ok = pc.fill_null(pc.is_in(pc.utf8_lower(scheme), value_set=allowed), False)
+    return missing, pc.and_(pc.invert(missing), pc.invert(ok))
+
+
 def split_input(metadata: str, work: str, shard_rows: int, uid_column: str = "uid",
-                url_column: str = "url", caption_column: str | None = "caption") -> dict:
+                url_column: str = "url", caption_column: str | None = "caption",
+                schemes: Sequence[str] = DEFAULT_SCHEMES) -> dict:
     """Cut the metadata (a Parquet file or a folder of them) into parts of `shard_rows`.
 
     Writes `work/parts/part_{i:05d}.parquet` (uid, url, caption) and
-    `work/rejects/input.parquet` (rows without a URL). Null or duplicate uids are an
-    input error naming the file and row. Returns {"parts": n, "rows": total}."""
+    `work/rejects/input.parquet` (rows without a URL, and rows whose URL scheme is not
+    in `schemes`). Null or duplicate uids are an input error naming the file and row.
+    Returns {"parts": n, "rows": total, "missing_url": m, "bad_url_scheme": b,
+    "part_rows": [rows of each part]}."""
     if storage.is_done(work, "split"):
         return storage.done_info(work, "split")
     if shard_rows < 1:
@@ -135,6 +148,8 @@ def split_input(metadata: str, work: str, shard_rows: int, uid_column: str = "ui
     rows = 0
     hashes, origins = [], []
     bad_uids: list[str] = []
+    bad_reasons: list[str] = []
+    part_rows: list[int] = []
     from pipelines.bands import uid_hash_arrow
 
     def flush(final: bool):
@@ -143,6 +158,7 @@ def split_input(metadata: str, work: str, shard_rows: int, uid_column: str = "ui
             t = pa.concat_tables(buf)
             head, rest = t.slice(0, shard_rows), t.slice(shard_rows)
             storage.write_table(head, storage.join(work, "parts", f"part_{parts:05d}.parquet"), PART)
+            part_rows.append(head.num_rows)
             parts += 1
             buf, buffered = ([rest] if rest.num_rows else []), rest.num_rows
 
@@ -169,9 +185,12 @@ def split_input(metadata: str, work: str, shard_rows: int, uid_column: str = "ui
                else pa.nulls(t.num_rows, pa.string()))
         hashes.append(uid_hash_arrow(uid))
         origins.append((f, t.num_rows))
-        no_url = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(url), ""), True)
-        bad_uids += uid.filter(no_url).to_pylist()
-        keep = pc.invert(no_url)
+        no_url, bad_scheme = url_checks(url, schemes)
+        for mask, why in ((no_url, MISSING_URL), (bad_scheme, BAD_URL_SCHEME)):
+            dropped = uid.filter(mask).to_pylist()
+            bad_uids += dropped
+            bad_reasons += [why] * len(dropped)
+        keep = pc.invert(pc.or_(no_url, bad_scheme))
         buf.append(pa.table({"uid": uid.filter(keep), "url": url.filter(keep),
                              "caption": cap.filter(keep)}, schema=PART))
         buffered += buf[-1].num_rows
@@ -179,9 +198,10 @@ def split_input(metadata: str, work: str, shard_rows: int, uid_column: str = "ui
         flush(False)
     _check_unique_uids(files, origins, hashes, uid_column)
     flush(True)
-    rej = _rejects(bad_uids, "input", [MISSING_URL] * len(bad_uids))
+    rej = _rejects(bad_uids, "input", bad_reasons)
     storage.write_table(rej, storage.join(work, "rejects", "input.parquet"), schemas.REJECTS)
-    info = {"parts": parts, "rows": rows, "missing_url": len(bad_uids)}
+    info = {"parts": parts, "rows": rows, "missing_url": bad_reasons.count(MISSING_URL),
+            "bad_url_scheme": bad_reasons.count(BAD_URL_SCHEME), "part_rows": part_rows}
     storage.mark_done(work, "split", info)
     return info
 
@@ -207,8 +227,11 @@ def read_parts(work: str) -> list[str]:
     return storage.listdir(storage.join(work, "parts"), "part_*.parquet")
 
 
-def split_table(table_path: str, work: str, shard_rows: int) -> dict:
-    """Cut a table with uid, url, caption (a coreset) into download parts."""
+def split_table(table_path: str, work: str, shard_rows: int,
+                schemes: Sequence[str] = DEFAULT_SCHEMES) -> dict:
+    """Cut a table with uid, url, caption (a coreset) into download parts. Rows without
+    a URL or with a scheme not in `schemes` are not fetched: they go to
+    `work/rejects/input.parquet` with their reason."""
     if storage.is_done(work, "split"):
         return storage.done_info(work, "split")
     t = storage.read_table(table_path)
@@ -217,14 +240,42 @@ def split_table(table_path: str, work: str, shard_rows: int) -> dict:
             "caption": t.column("caption") if "caption" in t.column_names
             else pa.nulls(t.num_rows, pa.string())}
     t = pa.table(cols).cast(PART)
-    n = 0
+    no_url, bad_scheme = url_checks(t.column("url"), schemes)
+    reasons = pc.if_else(no_url, MISSING_URL, BAD_URL_SCHEME)
+    drop = pc.or_(no_url, bad_scheme)
+    storage.write_table(_rejects(t.column("uid").filter(drop).to_pylist(), "coreset_images",
+                                 reasons.filter(drop).to_pylist()),
+                        storage.join(work, "rejects", "input.parquet"), schemas.REJECTS)
+    t = t.filter(pc.invert(drop))
     for n, s in enumerate(range(0, t.num_rows, shard_rows)):
         storage.write_table(t.slice(s, shard_rows),
                             storage.join(work, "parts", f"part_{n:05d}.parquet"), PART)
-    parts = (t.num_rows + shard_rows - 1) // shard_rows
-    info = {"parts": parts, "rows": t.num_rows}
+    part_rows = [min(shard_rows, t.num_rows - s) for s in range(0, t.num_rows, shard_rows)]
+    info = {"parts": len(part_rows), "rows": t.num_rows, "part_rows": part_rows,
+            "not_fetched": int(pc.sum(drop).as_py() or 0)}
     storage.mark_done(work, "split", info)
     return info
+
+
+class NothingDownloaded(WarrenError):
+    """Every download of a run failed: the images are unreachable, not the data bad."""
+
+
+def check_downloaded(split: dict, infos: Sequence[dict]) -> None:
+    """Stop a run whose downloads all failed (a server that is down, a proxy, a typo in
+    the URLs) instead of going on to select from nothing."""
+    attempted = sum(i["rows"] for i in infos)
+    if sum(i["images"] for i in infos) > 0:
+        return
+    if attempted == 0:
+        raise NothingDownloaded(
+            f"none of the {split['rows']:,} metadata rows has a URL to download "
+            f"({MISSING_URL} {split.get('missing_url', 0):,}, {BAD_URL_SCHEME} "
+            f"{split.get('bad_url_scheme', 0):,}; allowed schemes: download.url_schemes)")
+    first = next((i["first_error"] for i in infos if i.get("first_error")), "none recorded")
+    raise NothingDownloaded(f"0 of {attempted:,} downloads succeeded (first error: {first}); "
+                            "check that the image server is reachable, then rerun the same "
+                            "command to resume")
 
 
 # -- img2dataset in a subprocess -----------------------------------------------------------
@@ -242,24 +293,45 @@ def img2dataset_args(part: str, out: str, cfg: DownloadConfig) -> dict:
         "enable_wandb": False, "extract_exif": False, "compute_hash": None,
         "user_agent_token": cfg.user_agent_token,
     }
-    if cfg.max_aspect_ratio != float("inf"):
+    if cfg.max_aspect_ratio is not None:
         args["max_aspect_ratio"] = cfg.max_aspect_ratio
     if cfg.disallowed_header_directives is not None:
         args["disallowed_header_directives"] = list(cfg.disallowed_header_directives)
     return args
 
 
-def run_img2dataset(args: dict, log_path: str) -> None:
-    """img2dataset.download(**args) in a fresh Python process; its output goes to log_path."""
+PROGRESS = "@rows "   # a line of the download subprocess: rows finished so far in this run
+
+
+def run_img2dataset(args: dict, log_path: str,
+                    progress: Callable[[int], None] | None = None) -> None:
+    """img2dataset.download(**args) in a fresh Python process that dies with this one;
+    its output goes to log_path, and `progress(rows)` hears how many rows it finished."""
     import importlib.util
     if importlib.util.find_spec("img2dataset") is None:
         raise MissingDependencyError("img2dataset", "downloading images")
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled",
-           "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    env = lifeline.child_env({**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1",
+                              "WANDB_MODE": "disabled", "WANDB_SILENT": "true",
+                              "PYTHONUNBUFFERED": "1"})
     storage.makedirs(os.path.dirname(log_path))
     with open(log_path, "ab") as logf:
-        proc = subprocess.run([sys.executable, "-m", "pipelines.download", json.dumps(args)],
-                              stdout=logf, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.download", json.dumps(args)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        try:
+            for line in proc.stdout:
+                if line.startswith(PROGRESS.encode()):
+                    if progress is not None:
+                        try:
+                            progress(int(line[len(PROGRESS):]))
+                        except ValueError:
+                            pass
+                    continue
+                logf.write(line)
+            proc.wait()
+        finally:
+            if proc.poll() is None:     # we are being interrupted: take the child with us
+                proc.kill()
+                proc.wait()
     if proc.returncode != 0:
         with open(log_path, "rb") as f:
             tail = f.read()[-1500:].decode(errors="replace").strip().splitlines()[-1:]
@@ -269,19 +341,23 @@ def run_img2dataset(args: dict, log_path: str) -> None:
 
 # -- one part ------------------------------------------------------------------------------
 def download_part(part: str, work: str, images_out: str, rejects_out: str,
-                  cfg: DownloadConfig, stage: str = "download") -> dict:
+                  cfg: DownloadConfig, stage: str = "download",
+                  progress: Callable[[int, int], None] | None = None) -> dict:
     """Download one part and fold img2dataset's shards into `images_out` (POOL schema,
     sorted by uid) and `rejects_out` (REJECTS, one row per failed uid, with a reason).
 
-    `work` is this part's own folder (img2dataset output, log, completion marker)."""
+    `work` is this part's own folder (img2dataset output, log, completion marker);
+    `progress(done, total)` hears the rows finished as img2dataset goes."""
     if storage.is_done(work, "part"):
         return storage.done_info(work, "part")
     # img2dataset writes its shards in place; the folder is hidden (like every temporary
     # here) because a killed run leaves a partial shard in it, redone on the next run
     raw = storage.join(work, ".img2dataset")
     _drop_unfinished_shards(raw)
-    run_img2dataset(img2dataset_args(part, raw, cfg), storage.join(work, "img2dataset.log"))
     want = storage.read_table(part, schema=PART)
+    total = want.num_rows
+    report = None if progress is None else (lambda done: progress(min(done, total), total))
+    run_img2dataset(img2dataset_args(part, raw, cfg), storage.join(work, "img2dataset.log"), report)
     got = _read_img2dataset(raw, part)
     ok = pc.equal(got.column("status"), "success")
     images = got.filter(ok)
@@ -306,9 +382,15 @@ def download_part(part: str, work: str, images_out: str, rejects_out: str,
     for m in failed.column("error_message").to_pylist():
         key = _short(m)
         messages[key] = messages.get(key, 0) + 1
+    first = None
+    if failed.num_rows:     # the failure of the smallest uid: the same on every rerun
+        i = pc.index(failed.column("uid"), pc.min(failed.column("uid"))).as_py()
+        first = f"{failed.column('url')[i].as_py()}: {_short(failed.column('error_message')[i].as_py())}"
+    elif lost:
+        first = f"img2dataset returned no row for uid {min(lost)}"
     info = {"part": os.path.basename(part), "rows": want.num_rows, "images": images.num_rows,
             "failed": dict(sorted(_count(reasons + [FAILED] * len(lost)).items())),
-            "messages": messages}
+            "messages": messages, "first_error": first}
     storage.mark_done(work, "part", info)
     return info
 
@@ -461,8 +543,22 @@ def _download_inline(args: dict) -> None:
                       encode_quality=args["encode_quality"], encode_format="jpg",
                       min_image_size=args["min_image_size"],
                       max_aspect_ratio=args.get("max_aspect_ratio", float("inf")))
+    done_rows = [0]
+
+    class CountingWriter(ParquetSampleWriter):
+        """Reports every row written (image or failure) to the parent, at most ~4x a second."""
+        last = [0.0]
+
+        def write(self, *a, **kw):
+            super().write(*a, **kw)
+            done_rows[0] += 1
+            now = time.monotonic()
+            if now - self.last[0] >= 0.25:
+                self.last[0] = now
+                print(f"{PROGRESS}{done_rows[0]}", flush=True)
+
     downloader = Downloader(
-        sample_writer_class=ParquetSampleWriter, resizer=resizer,
+        sample_writer_class=CountingWriter, resizer=resizer,
         thread_count=args["thread_count"], save_caption=True, extract_exif=False,
         output_folder=out, column_list=reader.column_list, timeout=args["timeout"],
         number_sample_per_shard=args["number_sample_per_shard"], oom_shard_count=5,
@@ -470,22 +566,31 @@ def _download_inline(args: dict) -> None:
         retries=args["retries"], user_agent_token=args["user_agent_token"],
         disallowed_header_directives=directives or None)
     for row in reader:
+        before = done_rows[0]
         ok, _ = downloader(row)
         if not ok:
+            done_rows[0] = before
             ok, _ = downloader(row)   # img2dataset's max_shard_retry=1
+        print(f"{PROGRESS}{done_rows[0]}", flush=True)
         print(f"shard {row[0]}: {'done' if ok else 'failed'}", flush=True)
     fs.rm(tmp, recursive=True)
 
 
 def _main(argv: list[str]) -> int:
     """Subprocess entry: download one part with the img2dataset arguments in argv[0]."""
+    args = json.loads(argv[0])
+    # a SIGKILLed parent takes this download with it, and img2dataset's own processes too
+    if args["processes_count"] == 1:
+        lifeline.from_env()
+    else:
+        lifeline.take_children_along()
+        lifeline.from_env(signal.SIGTERM)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
         import img2dataset
     except ImportError:
         print("img2dataset is not installed: pip install img2dataset", file=sys.stderr)
         return 3
-    args = json.loads(argv[0])
     if args["processes_count"] == 1:
         _download_inline(args)
     else:

@@ -40,7 +40,7 @@ from typing import Callable, Literal
 import numpy as np
 import pyarrow as pa
 
-from pipelines import schemas, storage
+from pipelines import lifeline, schemas, storage
 from pipelines.errors import ConfigError, InputError, MissingDependencyError
 
 
@@ -93,14 +93,6 @@ class EmbedConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "EmbedConfig":
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError([f"unknown embed option '{u}'" for u in unknown],
-                              source="embed config")
-        return cls(**d)
 
 
 # -- the model ----------------------------------------------------------------------------
@@ -245,7 +237,10 @@ def _executor(workers: int) -> cf.Executor | None:
             else:
                 ctx = multiprocessing.get_context("forkserver")
                 ctx.set_forkserver_preload(["numpy", "PIL.Image", "pipelines.embed"])
-                _POOLS[key] = cf.ProcessPoolExecutor(workers, mp_context=ctx)
+                # workers die with this process even when it is SIGKILLed
+                _POOLS[key] = cf.ProcessPoolExecutor(workers, mp_context=ctx,
+                                                     initializer=lifeline.worker_init,
+                                                     initargs=(os.getpid(),))
         return _POOLS[key]
 
 

@@ -53,6 +53,9 @@ class OutputError(WarrenError):
         super().__init__(f"cannot write {path}: {reason}; free space (or fix the folder) and "
                          "rerun the same command to resume")
 
+    def __reduce__(self):  # picklable (Dask workers send errors back to the flow)
+        return (type(self), (self.path, self.reason))
+
 
 # How a hint names a setting depends on the command in use: `warren select` takes `--k`,
 # `warren curate` takes `--set select.k=`. Library code writes `setting("select.k")`; each

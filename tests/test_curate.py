@@ -63,9 +63,10 @@ def test_overrides_and_every_problem_at_once(tmp_path):
                            ["source.path=", "select.threshold=2", "embed.workers=-1",
                             "download.bogus=1", "nonsense=1"])
     msg = str(e.value)
-    for part in ("source.path is required", "threshold", "workers", "bogus", "nonsense"):
+    for part in ("source.path: expected a string, got null", "select: threshold must be in (0, 1)",
+                 "embed: workers must be >= 0", "download.bogus: unknown key", "nonsense: unknown key"):
         assert part in msg, part
-    with pytest.raises(ConfigError, match="key=value"):
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
         curate.apply_overrides({}, ["select.k"])
 
 
@@ -152,12 +153,14 @@ def test_prefect_artifacts_and_cli_report(curate_small, prefect_api):
 
 
 def test_rerun_with_another_config_is_refused(tmp_path):
-    from flows.curate import _check_same_config
-    a = small_curate_config("m.parquet", str(tmp_path))
-    _check_same_config(a)
-    _check_same_config(small_curate_config("m.parquet", str(tmp_path), "runner.max_workers=3"))
-    with pytest.raises(ConfigError, match="differs in select"):
-        _check_same_config(small_curate_config("m.parquet", str(tmp_path), "select.k=5"))
+    from flows.curate_config import check_run
+    meta = tmp_path / "m.parquet"
+    meta.write_bytes(b"x")
+    out = str(tmp_path / "run")
+    check_run(small_curate_config(str(meta), out))
+    check_run(small_curate_config(str(meta), out, "runner.max_workers=3"))
+    with pytest.raises(ConfigError, match=r"differs in select\.k\); pass --restart"):
+        check_run(small_curate_config(str(meta), out, "select.k=5"))
 
 
 # -- kill and resume -------------------------------------------------------------------------
@@ -166,25 +169,31 @@ import json, sys, time
 from pipelines import embed, select
 from flows import curate
 
+def park():
+    """Wait here until killed: the kill lands at a known point, however busy the machine."""
+    while True:
+        time.sleep(60)
+
 mode, cfg = sys.argv[1], json.loads(sys.argv[2])
-if mode == "slow-embed":
-    # shard i sleeps (i + 1) x 0.4 s between its batches: shard 0 finishes well before the rest
+if mode == "park-embed":
+    # shard 0 embeds; shards 1 and 2 stop at their first batch
     real = embed.embed_shard
-    def slow(c, images, out, rejects, progress=None):
+    def parked(c, images, out, rejects, progress=None):
         shard = int(out.rsplit("_", 1)[1].split(".")[0])
         def p(done, total):
-            time.sleep(0.4 * (shard + 1))
+            if shard > 0:
+                park()
             if progress:
                 progress(done, total)
         return real(c, images, out, rejects, p)
-    embed.embed_shard = slow
-elif mode == "slow-dedup":
+    embed.embed_shard = parked
+elif mode == "park-dedup":
     real = select.stage_dedup
-    def slow(c, src, out, bucket):
+    def parked(c, src, out, bucket):
         if bucket > 0:
-            time.sleep(3)
+            park()
         return real(c, src, out, bucket)
-    select.stage_dedup = slow
+    select.stage_dedup = parked
 if __name__ == "__main__":
     curate.run_local(cfg)
     print("FINISHED")
@@ -199,7 +208,9 @@ def _start(tmp_path, mode, cfg):
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _kill_when(proc, cond, timeout=240):
+def _kill_when(proc, cond, timeout=600):
+    """SIGKILL the run (its whole process group) once `cond()` holds; the run parks
+    itself at that point, so only a generous deadline bounds the wait."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
@@ -213,11 +224,13 @@ def _kill_when(proc, cond, timeout=240):
 
 
 def _visible_files_are_whole(out):
-    """Every non-hidden file under the run is complete: Parquet and JSON parse."""
+    """Every file a reader would take (not hidden) is complete: Parquet and JSON parse.
+    Hidden files and folders are temporaries; a kill may legitimately leave some."""
     for dirpath, dirs, files in os.walk(out):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for f in files:
-            assert not f.startswith("."), os.path.join(dirpath, f)   # temporaries are hidden
+            if f.startswith("."):
+                continue
             p = os.path.join(dirpath, f)
             if f.endswith(".parquet"):
                 pq.read_metadata(p)
@@ -232,28 +245,26 @@ def test_sigkill_during_embed_and_dedup_then_resume(curate_small, demo_pool, pre
     cfg = small_curate_config(demo_pool[2], out)
     emb = lambda i: os.path.exists(f"{out}/embeddings/emb_{i:05d}.parquet")  # noqa: E731
 
-    # 1. killed while embedding: shard 0 done, shards 1 and 2 in flight
-    p = _start(tmp_path, "slow-embed", cfg)
+    # 1. killed while embedding: shard 0 done, shards 1 and 2 parked mid-shard
+    p = _start(tmp_path, "park-embed", cfg)
     _kill_when(p, lambda: emb(0))
-    assert not emb(2) and not os.path.exists(f"{out}/coreset.parquet")
+    assert not emb(1) and not emb(2) and not os.path.exists(f"{out}/coreset.parquet")
     _visible_files_are_whole(out)
 
-    # 2. resumed, killed while deduplicating: bucket 0 done, the others sleeping
+    # 2. resumed, killed while deduplicating: bucket 0 done, the others parked
     done = lambda b: os.path.exists(f"{out}/_work/_completions/dedup-{b:05d}.json")  # noqa: E731
-    p = _start(tmp_path, "slow-dedup", cfg)
+    p = _start(tmp_path, "park-dedup", cfg)
     _kill_when(p, lambda: done(0))
     assert all(emb(i) for i in range(3))
-    assert not all(done(b) for b in range(4)) and not os.path.exists(f"{out}/coreset.parquet")
+    assert not any(done(b) for b in range(1, 4)) and not os.path.exists(f"{out}/coreset.parquet")
     _visible_files_are_whole(out)
 
     # 3. resumed to the end: the same coreset and rejects as the uninterrupted run
     p = _start(tmp_path, "plain", cfg)
-    assert p.wait(timeout=300) == 0, open(tmp_path / "plain.log").read()[-3000:]
+    assert p.wait(timeout=600) == 0, open(tmp_path / "plain.log").read()[-3000:]
     for t in ("coreset.parquet", "rejects.parquet", "images/coreset_images.parquet"):
         assert pq.read_table(f"{out}/{t}").equals(pq.read_table(f"{ref_out}/{t}")), t
     _visible_files_are_whole(out)
-    leftovers = [f for _, _, fs in os.walk(out) for f in fs if ".tmp-" in f]
-    assert leftovers == []
 
 
 @pytest.mark.slow
@@ -298,5 +309,99 @@ def test_cli_bad_config_is_one_line(tmp_path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("warren curate: error: ")
-    for part in ("source.kind must be urls or embeddings", "k must be >= 1", "output is required"):
+    for part in ("source.kind: 'ftp' is not one of ['urls', 'embeddings']",
+                 "select: k must be >= 1 (got 0)", "output is required"):
         assert part in lines[0], part
+    assert "Traceback" not in r.stderr
+
+
+# -- runs keyed by their input; errors inside flow runs -----------------------------------------
+SMALL_SETS = ["source.shard_rows=60", "source.coreset_shard_rows=100", "select.k=4",
+              "select.buckets=4", "embed.batch_size=32"]
+
+
+def test_a_changed_input_is_refused_and_restart_starts_over(tmp_path):
+    from flows.curate_config import INPUT_FILE, prepare
+    from pipelines.runkey import StaleRunError
+
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    (meta / "m1.parquet").write_bytes(b"one")
+    out = tmp_path / "run"
+    c = small_curate_config(str(meta), str(out))
+    prepare(c)                                          # the first run records its input
+    (out / "notes.txt").write_text("mine")
+    (out / "_work").mkdir()
+    (out / "coreset.parquet").write_bytes(b"old")
+    prepare(c)                                          # same input: resumes
+    (meta / "m2.parquet").write_bytes(b"two")
+    expect = (f"{out} holds a run made from a different input ({meta}: added m2.parquet); "
+              "pass --restart to start over, or choose another output folder")
+    with pytest.raises(StaleRunError) as e:
+        prepare(c)
+    assert str(e.value) == expect
+    # the command says the same in one line, before Prefect starts
+    args = [sys.executable, "-m", "flows.cli", "curate", "--config", os.path.join(CONFIGS, "demo.yaml"),
+            "--set", f"source.path={meta}", "--output", str(out)]
+    for s in SMALL_SETS:
+        args += ["--set", s]
+    r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"warren curate: error: {expect}"]
+    # a rewritten file is a change too
+    prepare(c, restart_run=True)
+    assert sorted(os.listdir(out)) == sorted(["notes.txt", INPUT_FILE, "curate_config.json"])
+    time.sleep(0.01)
+    (meta / "m1.parquet").write_bytes(b"ONE")
+    with pytest.raises(StaleRunError, match=r"changed m1\.parquet"):
+        prepare(c)
+
+
+@pytest.mark.slow
+def test_error_inside_the_flow_is_one_line_and_fails_the_run(demo_pool, prefect_api, tmp_path):
+    """Every download fails (the image server is gone): the command stops after the download
+    stage with one line (no Prefect traceback), exit 2, and Prefect records the flow runs as
+    Failed with that message."""
+    import asyncio
+    import socket
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    with socket.socket() as s:          # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    t = pq.read_table(demo_pool[2])
+    base = demo_pool[1]
+    urls = [u.replace(base, f"http://127.0.0.1:{dead}") for u in t.column("url").to_pylist()]
+    import pyarrow as pa
+    meta = tmp_path / "gone.parquet"
+    pq.write_table(t.set_column(t.schema.get_field_index("url"), "url", pa.array(urls)), meta)
+    out = str(tmp_path / "run")
+    args = [sys.executable, "-m", "flows.cli", "curate", "--config", os.path.join(CONFIGS, "demo.yaml"),
+            "--set", f"source.path={meta}", "--output", out]
+    for s in SMALL_SETS:
+        args += ["--set", s]
+    r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PREFECT_API_URL": prefect_api})
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "Finished in state" not in r.stderr, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    uids = t.column("uid").to_pylist()
+    first_dead = urls[uids.index(min(uids[:60]))]     # shard 0's smallest uid (any URL is dead)
+    msg = (f"0 of 180 downloads succeeded (first error: {first_dead}: <urlopen error [Errno 111] "
+           "Connection refused>); check that the image server is reachable, then rerun the same "
+           "command to resume")
+    assert lines[-1] == f"warren curate: error: {msg}"
+    assert r.stderr.count("downloads succeeded") == 1
+    # the other lines are the random-weights note and the download progress
+    assert all(x.startswith(("note: ", "download: ")) for x in lines[:-1]), lines
+    assert any(x.startswith("download: 180/180 rows (3/3 shards)") for x in lines), lines
+
+    async def failed_messages():
+        async with get_client() as client:
+            runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.FAILED]))))
+            return {fr.name: fr.state.message for fr in runs if msg in (fr.state.message or "")}
+    failed = asyncio.run(failed_messages())
+    assert len(failed) == 2, failed          # `curate` and its sub-flow `curate-run`

@@ -35,6 +35,12 @@ def test_warren_demo_command(prefect_api, tmp_path):
     dropped = sum(fate.get(u) == "duplicate" for u in copies)
     assert dropped >= 0.5 * len(copies), (dropped, len(copies))
     assert "planted groups collapsed to one member" in r.stderr
+    # the console: per-stage progress with rows, rate and ETA; no third-party chatter
+    import re
+    assert re.search(r"^download: 400/400 rows \(2/2 shards\), [\d.,]+ rows/s, ", r.stderr, re.M)
+    assert re.search(r"^embed: [\d,]+/[\d,]+ rows \(2/2 shards\), [\d.,]+ rows/s, ", r.stderr, re.M)
+    for noise in ("INFO root", "WARNING root", "HTTP Request", "Finished in state", "Traceback"):
+        assert noise not in r.stderr, noise
 
     # stage 1 = the coreset's captions; the mix = Bunny-695K at 1/500 on synthetic sources
     from pipelines import manifest
@@ -67,3 +73,41 @@ def test_warren_demo_command(prefect_api, tmp_path):
                         "--max-new-tokens", "16"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert g.returncode == 0, g.stderr[-2000:]
     assert g.stdout.strip() == paths["answer"]
+
+
+def test_serve_pool_serves_a_finished_demo_pool_again(tmp_path):
+    """`warren demo --serve-pool DIR`: the pool answers on 127.0.0.1 again, its metadata
+    names this address, and the printed command is the one configs/curate/demo.yaml names."""
+    import signal
+    import urllib.request
+
+    from pipelines.synth import demo_pool
+    root = tmp_path / "demo" / "source"
+    demo_pool.build(str(root), demo_pool.DemoDataConfig(n=40, seed=2))
+    with open(os.path.join(REPO, "configs", "curate", "demo.yaml")) as f:
+        assert f.readline().startswith("# warren demo --serve-pool runs/demo/source ")
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "demo", "--serve-pool", str(root)],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stderr.readline().rstrip("\n") for _ in range(3)]
+        assert lines[0].startswith(f"serving the demo pool {root} at http://127.0.0.1:")
+        meta = lines[1].removeprefix("metadata: ")
+        assert meta == str(root / "metadata.parquet")
+        assert lines[2] == (f"curate it: warren curate --config configs/curate/demo.yaml "
+                            f"--set source.path={meta} --output {tmp_path / 'demo' / 'curate-again'}")
+        t = pl.read_parquet(meta)
+        truth = pl.read_parquet(root / "truth.parquet")
+        good = t.join(truth, on="uid").filter(pl.col("kind") == "original")["url"][0]
+        assert good.startswith(lines[0].rsplit(" at ", 1)[1].split(" ")[0])
+        with urllib.request.urlopen(good, timeout=30) as r:
+            assert r.status == 200 and r.read()[:2] == b"\xff\xd8"     # a JPEG
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    assert proc.stderr.read().strip() == "stopped"
+    # a folder that is not a demo pool: one line
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "demo", "--serve-pool", str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"warren demo: error: {tmp_path}: not a demo pool (no truth.parquet; a demo's pool is "
+        "<output>/source)"]

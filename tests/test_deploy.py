@@ -65,6 +65,8 @@ def test_serve_then_deployment_run_watch(curate_small, demo_pool, prefect_api, t
         assert "Completed" in r.stdout + r.stderr
     finally:
         stop_group(server, grace=30)
+    served = open(tmp_path / "serve.log").read()
+    assert "HTTP Request:" not in served and "Traceback" not in served, served[-3000:]
     for t in ("coreset.parquet", "rejects.parquet", "images/coreset_images.parquet"):
         assert pq.read_table(f"{out}/{t}").equals(pq.read_table(f"{ref}/{t}")), t
     assert os.path.exists(f"{out}/report.html")

@@ -22,7 +22,8 @@ def test_split_cuts_parts_and_rejects_missing_urls(tmp_path):
     uids = [f"u{i:03d}" for i in range(25)]
     urls = [None if i == 3 else ("  " if i == 7 else f"http://h/{i}") for i in range(25)]
     info = download.split_input(_meta(tmp_path / "m.parquet", uids, urls), str(tmp_path / "w"), 10)
-    assert info == {"parts": 3, "rows": 25, "missing_url": 2}
+    assert info == {"parts": 3, "rows": 25, "missing_url": 2, "bad_url_scheme": 0,
+                    "part_rows": [10, 10, 3]}
     parts = [pl.read_parquet(p) for p in download.read_parts(str(tmp_path / "w"))]
     assert [len(p) for p in parts] == [10, 10, 3]
     kept = [u for p in parts for u in p["uid"]]
@@ -101,3 +102,78 @@ def test_download_part_from_local_server(demo_pool, tmp_path):
     # finished: a rerun reads the completion marker and runs nothing
     assert download.download_part(part, str(tmp_path / "p0"), images, rejects,
                                   download.DownloadConfig(threads=8)) == info
+
+
+# -- URL schemes: only what the config allows is ever fetched ---------------------------------
+def test_only_http_and_https_are_fetched_unless_the_config_adds_a_scheme(tmp_path):
+    uids = [f"u{i}" for i in range(10)]
+    urls = ["http://h/0.jpg", "HTTPS://h/1.jpg", " https://h/2.jpg ", "file:///etc/hostname",
+            "ftp://h/4.jpg", "data:image/png;base64,AAAA", "javascript:alert(1)", "/etc/hostname",
+            "s3://bucket/8.jpg", "http:/9.jpg"]
+    info = download.split_input(_meta(tmp_path / "m.parquet", uids, urls), str(tmp_path / "w"), 100)
+    assert info["missing_url"] == 0 and info["bad_url_scheme"] == 7 and info["part_rows"] == [3]
+    part = pl.read_parquet(download.read_parts(str(tmp_path / "w"))[0])
+    assert part["uid"].to_list() == ["u0", "u1", "u2"]
+    rej = pl.read_parquet(tmp_path / "w" / "rejects" / "input.parquet").sort("uid")
+    assert rej.rows() == [(u, "input", "bad_url_scheme", None) for u in
+                          ["u3", "u4", "u5", "u6", "u7", "u8", "u9"]]
+    # a config may allow more (img2dataset reads what fsspec/urllib can)
+    info = download.split_input(_meta(tmp_path / "m2.parquet", uids, urls), str(tmp_path / "w2"), 100,
+                                schemes=("http", "https", "s3"))
+    assert info["bad_url_scheme"] == 6 and info["part_rows"] == [4]
+
+
+def test_coreset_split_keeps_unfetchable_urls_out(tmp_path):
+    t = pa.table({"uid": ["a", "b", "c", "d"], "url": ["http://h/a", "file:///etc/passwd", None, "https://h/d"],
+                  "caption": ["x"] * 4})
+    pq.write_table(t, tmp_path / "coreset.parquet")
+    info = download.split_table(str(tmp_path / "coreset.parquet"), str(tmp_path / "w"), 1)
+    assert info["parts"] == 2 and info["part_rows"] == [1, 1] and info["not_fetched"] == 2
+    parts = [pl.read_parquet(p)["uid"].to_list() for p in download.read_parts(str(tmp_path / "w"))]
+    assert parts == [["a"], ["d"]]
+    rej = pl.read_parquet(tmp_path / "w" / "rejects" / "input.parquet").sort("uid")
+    assert rej.rows() == [("b", "coreset_images", "bad_url_scheme", None),
+                          ("c", "coreset_images", "missing_url", None)]
+
+
+def test_download_config_schemes_are_checked():
+    from pipelines.errors import ConfigError
+    with pytest.raises(ConfigError, match="url_schemes must be scheme names"):
+        download.DownloadConfig(url_schemes=("http", "no scheme"))
+    with pytest.raises(ConfigError, match="url_schemes must be scheme names"):
+        download.DownloadConfig(url_schemes=())
+
+
+def test_nothing_downloaded_stops_with_the_first_error():
+    split = {"rows": 12, "missing_url": 1, "bad_url_scheme": 1}
+    infos = [{"rows": 5, "images": 0, "first_error": None},
+             {"rows": 5, "images": 0, "first_error": "http://127.0.0.1:9/u5.jpg: <urlopen error "
+                                                     "[Errno 111] Connection refused>"}]
+    with pytest.raises(download.NothingDownloaded) as e:
+        download.check_downloaded(split, infos)
+    assert str(e.value) == ("0 of 10 downloads succeeded (first error: http://127.0.0.1:9/u5.jpg: "
+                            "<urlopen error [Errno 111] Connection refused>); check that the image "
+                            "server is reachable, then rerun the same command to resume")
+    with pytest.raises(download.NothingDownloaded, match=r"none of the 12 metadata rows has a URL"):
+        download.check_downloaded(split, [])
+    download.check_downloaded(split, [{"rows": 5, "images": 1}])     # one image is enough
+
+
+@pytest.mark.slow
+def test_a_file_url_never_reaches_img2dataset(demo_pool, tmp_path):
+    """file:///etc/hostname in the metadata: rejected at the split, never read."""
+    root, base, _ = demo_pool
+    secret = tmp_path / "secret.jpg"
+    import shutil
+    shutil.copy(f"{root}/images/demo000000.jpg", secret)   # a decodable image: it would be kept
+    meta = _meta(tmp_path / "m.parquet", ["ok", "local", "etc"],
+                 [f"{base}/images/demo000000.jpg", f"file://{secret}", "file:///etc/hostname"])
+    work = str(tmp_path / "w")
+    download.split_input(meta, work, 10)
+    part = download.read_parts(work)[0]
+    images, rejects = str(tmp_path / "images.parquet"), str(tmp_path / "rej.parquet")
+    info = download.download_part(part, str(tmp_path / "p0"), images, rejects,
+                                  download.DownloadConfig(threads=2))
+    assert pl.read_parquet(images)["uid"].to_list() == ["ok"] and info["rows"] == 1
+    rej = pl.read_parquet(f"{work}/rejects/input.parquet").sort("uid")
+    assert rej.rows() == [("etc", "input", "bad_url_scheme", None), ("local", "input", "bad_url_scheme", None)]

@@ -11,7 +11,12 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from flows import serve
+    from flows import console, serve
+    from pipelines.errors import set_setting_style
 
+    set_setting_style("set")
+    # a server's console: Prefect's runner lines (runs submitted, finished) stay, the
+    # HTTP request lines of its client (httpx at INFO) do not, unless -v
+    console.show_prefect()
     serve.serve(args.configs, limit=args.limit)
     return 0

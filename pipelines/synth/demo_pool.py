@@ -327,6 +327,10 @@ class _Server(http.server.ThreadingHTTPServer):
     request_queue_size = 256
     daemon_threads = True
 
+    def handle_error(self, request, client_address):
+        # a client that hangs up mid-response (a killed download) is not our error
+        log.debug("demo server: request from %s failed", client_address, exc_info=True)
+
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 — stdlib signature
