@@ -29,6 +29,7 @@ COMMANDS = {
     "mix": "flows.commands.mix",
     "train": "flows.commands.train",
     "generate": "flows.commands.generate",
+    "export": "flows.commands.export",
     "report": "flows.commands.report",
 }
 

@@ -96,7 +96,7 @@ def _tokenizer(cfg: Config, manifest, stage: int, out: str, init_from: str | Non
     if os.path.isdir(saved):  # a resumed run keeps its own tokenizer
         return tok_mod.load(saved)
     if init_from is not None:
-        return tok_mod.load(os.path.join(init_from, "tokenizer"))
+        return tok_mod.load(export.tokenizer_dir(init_from))
     if cfg.data.tokenizer != "local":
         return tok_mod.load(cfg.data.tokenizer)
     # The templates' fixed text (system prompt, role names) is in every sample.
@@ -111,8 +111,9 @@ def _tokenizer(cfg: Config, manifest, stage: int, out: str, init_from: str | Non
 def _init_from(cfg: Config, stage: int, output_dir: str) -> str | None:
     s = cfg.stage(stage)
     if s.init_from is not None:
-        if not os.path.exists(os.path.join(s.init_from, export.META)):
-            raise ConfigError(f"stage{stage}.init_from: {s.init_from} is not an exported model folder")
+        if export.kind(s.init_from) is None:
+            raise ConfigError(f"stage{stage}.init_from: {s.init_from} is not an exported model folder "
+                              "(Warren's final/ or a llava-hf folder)")
         return s.init_from
     if stage == 1:
         return None
@@ -382,10 +383,39 @@ def _train(cfg, manifest_path, output_dir, stage, resume, progress, d: distribut
         summary["plot"] = plot_loss(metrics_path, os.path.join(out, "loss.png"))
         summary["seconds"] = time.perf_counter() - t_start
         summary["code_version"] = manifest_mod.code_version()
+        _finish_export(cfg, setup, manifest_path, summary, final_model)
         with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
     d.barrier()
     return summary
+
+
+def _finish_export(cfg: Config, setup: Setup, manifest_path: str, summary: dict, final_model) -> None:
+    """The model card of `final/` (lineage: base models, recipe, data, metrics; a stage-2
+    card carries stage 1's too) and, after stage 2, `hf/`: the same model as a
+    transformers Llava folder (mllm.llava_hf), or the one-line reason it cannot be."""
+    from mllm import lineage, llava_hf
+    stage, final = setup.stage, summary["final"]
+    init_from = _init_from(cfg, stage, os.path.dirname(setup.out))
+    before = lineage.read(init_from) if init_from else {}
+    data = lineage.data_section(manifest_path, setup.scfg.table, stage)
+    if isinstance(summary.get("rejects"), dict):  # rows the trainer set aside before step 1
+        data[f"stage{stage}"]["trainer_rejects"] = summary["rejects"]
+    base = before.get("base") or lineage.base_section(setup.model_cfg, cfg.data.tokenizer, len(setup.tokenizer))
+    lineage.update(final, **{k: v for k, v in before.items() if k not in ("export", "eval")})
+    lineage.update(final, name=before.get("name") or f"Warren VLM ({os.path.basename(os.path.dirname(setup.out))})",
+                   base=base, recipe=lineage.recipe_section(cfg, stage, init_from), data=data,
+                   training=lineage.training_section(summary))
+    if stage != 2:
+        return
+    hf = os.path.join(setup.out, "hf")
+    try:
+        llava_hf.save(final_model, setup.tokenizer, get_template(setup.scfg.template), hf,
+                      cfg.data.image_aspect, setup.model_cfg, lineage_doc=lineage.read(final), source=final)
+        summary["hf"] = hf
+    except llava_hf.NotExportable as e:
+        log.warning("no %s folder: %s", hf, e)
+        summary["hf_skipped"] = str(e)
 
 
 def completed(output_dir: str, stage: int) -> dict | None:
