@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import yaml
 
-from mllm import checkpoint, distributed, export, lora
+from mllm import checkpoint, distributed, export, frozen_cast, lora
 from mllm import data as data_mod
 from mllm import tokenizer as tok_mod
 from mllm.config import Config, ModelConfig, StageConfig
@@ -229,20 +229,23 @@ def plot_loss(metrics_path: str, png_path: str) -> str:
 
 def train(cfg: Config, manifest_path: str, output_dir: str | None = None, stage: int | None = None,
           resume: bool = False, progress: bool = True, device: str = "auto",
-          supervised_logits_only: bool = True) -> dict:
-    """Run one stage end to end; returns a summary (also written to summary.json)."""
+          supervised_logits_only: bool = True, cast_frozen: bool = True) -> dict:
+    """Run one stage end to end; returns a summary (also written to summary.json).
+    `supervised_logits_only` and `cast_frozen` (bf16: frozen linear weights cast once,
+    mllm.frozen_cast) are on in every real run; bench/train.py turns them off to show
+    what each is worth."""
     stage = int(stage or cfg.run.stage)
     output_dir = output_dir or cfg.run.output_dir
     d = distributed.setup(device)
     try:
         return _train(cfg, manifest_path, output_dir, stage, resume, progress, d,
-                      supervised_logits_only)
+                      supervised_logits_only, cast_frozen)
     finally:
         distributed.teardown()
 
 
 def _train(cfg, manifest_path, output_dir, stage, resume, progress, d: distributed.Dist,
-           supervised_logits_only: bool) -> dict:
+           supervised_logits_only: bool, cast_frozen: bool = True) -> dict:
     t_start = time.perf_counter()
     out = stage_dir(output_dir, stage)
     ck = checkpoint.latest(out)
@@ -304,6 +307,10 @@ def _train(cfg, manifest_path, output_dir, stage, resume, progress, d: distribut
         generator=torch.Generator())
     batches = iter(loader)
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=s.precision == "bf16")
+    # Frozen weights: one bf16 copy per run instead of one per forward (bit-identical;
+    # the float32 originals wait on the CPU for the export).
+    restore_frozen = (frozen_cast.cast(model) if s.precision == "bf16" and cast_frozen
+                      else (lambda: None))
     trainable = [p for p in model.parameters() if p.requires_grad]
     bar = None
     if progress and d.is_main:
@@ -350,6 +357,7 @@ def _train(cfg, manifest_path, output_dir, stage, resume, progress, d: distribut
                     "step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                     "tokens": int(n_seen), "supervised_tokens": int(n_tokens),
                     "tokens_per_s": n_seen / dt, "step_s": dt, "time": time.time(),
+                    "cpu_time": time.process_time(),
                     "epoch": step / setup.sampler.steps_per_epoch}) + "\n")
                 metrics_file.flush()
             if bar is not None:
@@ -366,6 +374,7 @@ def _train(cfg, manifest_path, output_dir, stage, resume, progress, d: distribut
         if bar is not None:
             bar.close()
 
+    restore_frozen()
     summary = {"stage": stage, "steps": setup.total_steps, "resumed_from": start_step or None,
                "last_checkpoint": last_saved, "output_dir": out,
                "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,

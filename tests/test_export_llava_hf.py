@@ -89,8 +89,8 @@ def whole_string_ids(template, conversations, tok, n_image: int, add_generation_
     return ids
 
 
-def test_stage2_writes_hf_beside_final(siglip_run):
-    _, run, summary = siglip_run
+def test_stage2_writes_hf_beside_final_with_its_model_card(siglip_run):
+    manifest_path, run, summary = siglip_run
     assert summary["hf"] == os.path.join(run, "stage2", "hf")
     files = set(os.listdir(summary["hf"]))
     assert {"config.json", "model.safetensors", "generation_config.json", "processor_config.json",
@@ -100,6 +100,19 @@ def test_stage2_writes_hf_beside_final(siglip_run):
     assert config["vision_feature_select_strategy"] == "full" and config["vision_feature_layer"] == -2
     assert config["image_seq_length"] == 16  # 32 px / 8 px patches, all kept
     assert "auto_map" not in config  # nothing that would need trust_remote_code
+    # The card: both stages' manifest and table hashes, recipe and final metrics.
+    card = open(os.path.join(summary["hf"], "README.md")).read()
+    man = json.load(open(manifest_path))
+    import hashlib
+    assert hashlib.sha256(open(manifest_path, "rb").read()).hexdigest() in card
+    for table in ("stage1", "mix"):
+        assert f"| table sha256 | `{man['tables'][table]['sha256']}` |" in card
+    doc = lineage.read(summary["hf"])
+    assert doc["training"]["stage2"]["final_loss"] == round(summary["final_loss"], 4)
+    assert doc["recipe"]["stage1"]["template"] == "plain" and doc["recipe"]["stage2"]["lora_r"] == 8
+    assert doc["base"]["vision_tower"].startswith("random init (siglip, 2 layers x 32")
+    assert doc["export"]["vision_feature_select_strategy"] == "full"
+    assert lineage.read(summary["final"])["data"] == doc["data"]
 
 
 def test_clip_export_drops_cls(clip_export):
@@ -330,3 +343,18 @@ def test_a_task_template_is_refused(tmp_path):
     tok = fx.local_tokenizer()
     with pytest.raises(llava_hf.NotExportable, match="task template"):
         llava_hf.chat_template(get_template("tinygptv"), tok)
+
+
+def test_the_guide_snippet_runs_as_written(siglip_run, tmp_path, monkeypatch, capsys):
+    import re
+    guide = open(os.path.join(os.path.dirname(__file__), "..", "docs", "train.md")).read()
+    code = re.search(r"<!-- snippet: llava-hf -->\s*```python\n(.*?)```", guide, re.S).group(1)
+    os.makedirs(tmp_path / "runs" / "tiny" / "stage2")
+    os.symlink(siglip_run[2]["hf"], tmp_path / "runs" / "tiny" / "stage2" / "hf")
+    (tmp_path / "photo.jpg").write_bytes(fx.jpeg("green", "square"))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/train.md", "exec"), {})
+    printed = capsys.readouterr().out.strip()
+    loaded = export.load(siglip_run[2]["final"])
+    assert printed == generate.answer(loaded, str(tmp_path / "photo.jpg"), "What is in the picture?",
+                                      max_new_tokens=64)
