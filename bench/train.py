@@ -185,7 +185,7 @@ def worker(args) -> dict:
               "tokens_per_s": tokens / seconds, "peak_memory_mb": peak_mb(args.device),
               "tokens_per_step": tokens / (args.steps - w)}
     if args.device == "cuda":
-        setup2 = setup if args.worker == "hf" else train.prepare(cfg, args.manifest, run, stage=2)
+        setup2 = setup if args.worker.startswith("hf") else train.prepare(cfg, args.manifest, run, stage=2)
         flops = sum(model_flops_per_step(setup2, t, i) for t, i in zip(toks[w:], imgs[w:]))
         result["mfu"] = flops / seconds / (args.peak_tflops * 1e12)
     return result

@@ -30,6 +30,7 @@ COMMANDS = {
     "train": "flows.commands.train",
     "generate": "flows.commands.generate",
     "export": "flows.commands.export",
+    "tokens": "flows.commands.tokens",
     "report": "flows.commands.report",
 }
 

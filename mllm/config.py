@@ -92,6 +92,10 @@ class DataConfig:
     """Global batches sorted by length together when grouping (more = less padding)."""
     image_aspect: Literal["pad", "resize"] = "pad"
     """'pad' to a square with the mean colour (LLaVA-1.5), or plain 'resize'."""
+    strict: bool = False
+    """Every row is checked before step 1; a row that fails (missing or unreadable image,
+    image tokens past max_length, text-only in stage 1, ...) goes to
+    <stage>/rejects.parquet and the run trains on the rest. True stops the run instead."""
 
 
 @dataclass

@@ -8,13 +8,21 @@ from __future__ import annotations
 import torch
 
 from mllm.export import Loaded
+from mllm.templates import ConversationError
 from mllm.tokenizer import IMAGE_TOKEN
 
 
 def prompt_ids(loaded: Loaded, prompt: str, with_image: bool) -> list[int]:
-    """The template's generation prompt: `<image>\\n{prompt}` as the user turn (as in
-    training), ending where the assistant's answer starts."""
-    text = f"{IMAGE_TOKEN}\n{prompt}" if with_image else prompt
+    """The template's generation prompt for one question: the user turn (with the image,
+    normalised to `<image>\\n{prompt}` as in training, wherever the prompt puts it),
+    ending where the assistant's answer starts. The ids equal a training row's ids up
+    to its first trained token (templates.normalize_image, mllm.encoding)."""
+    if with_image:
+        text = prompt if IMAGE_TOKEN in prompt else f"{IMAGE_TOKEN}\n{prompt}"
+    elif IMAGE_TOKEN in prompt:
+        raise ConversationError("the prompt holds <image> but no image was given")
+    else:
+        text = prompt
     ids, _ = loaded.template.encode([{"from": "human", "value": text}], loaded.tokenizer,
                                     loaded.model.num_image_tokens, add_generation_prompt=True)
     return ids
@@ -28,9 +36,8 @@ def answer(loaded: Loaded, image, prompt: str, max_new_tokens: int = 64) -> str:
     ids = torch.tensor([prompt_ids(loaded, prompt, image is not None)], device=device)
     pixels = loaded.processor(image).unsqueeze(0).to(device) if image is not None else None
     embeds = vlm.embed(ids, pixels)
-    end_id = tok.convert_tokens_to_ids(loaded.template.end_token(tok))
     out = vlm.language_model.generate(
         inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-        do_sample=False, eos_token_id=end_id, pad_token_id=tok.pad_token_id)
+        do_sample=False, eos_token_id=loaded.template.stop_ids(tok), pad_token_id=tok.pad_token_id)
     # With inputs_embeds (and no input_ids) generate returns only the new tokens.
     return tok.decode(out[0], skip_special_tokens=True).strip()

@@ -90,13 +90,12 @@ def check(vlm, model_cfg: ModelConfig, drop_head_bias: bool = False) -> None:
 
 # ---------------------------------------------------------------- chat template
 
-def _join(text: str, value: str, **fill) -> str:
-    """Jinja for `text` with its first placeholder (the key of `fill` listed first) as
-    the Jinja expression `value` and the other placeholders filled in."""
-    key = next(iter(fill))
-    marker = "\x00"
-    rendered = text.format(**{k: (marker if k == key else v) for k, v in fill.items()})
-    parts = rendered.split(marker)
+def _join(text: str, value: str, placeholder: str, **fixed: str) -> str:
+    """Jinja printing `text` with `{placeholder}` as the Jinja expression `value` and the
+    fixed fields (`{end}`, `{system}`) filled in, as Template renders them."""
+    for key, filled in fixed.items():
+        text = text.replace("{" + key + "}", filled)
+    parts = text.split("{" + placeholder + "}")
     return "{{- " + f" + {value} + ".join(_lit(p) for p in parts) + " -}}"
 
 
@@ -114,7 +113,9 @@ def chat_template(template, tokenizer) -> str:
     if type(template).segments is not _base_segments():
         raise NotExportable(f"template '{template.name}' renders turns its own way "
                             "(a task template); export a model trained with a plain template")
+    from mllm.encoding import start_text
     end = template.end_token(tokenizer)
+    start = start_text(tokenizer) if getattr(template, "bos", False) else ""
     return (
         "{%- set ns = namespace(system=" + _lit(template.system) + ") -%}\n"
         "{%- set msgs = messages -%}\n"
@@ -124,7 +125,8 @@ def chat_template(template, tokenizer) -> str:
         "| map(attribute='text') | join('\\n')) -%}\n"
         "  {%- set msgs = messages[1:] -%}\n"
         "{%- endif -%}\n"
-        + (_join(template.prefix, "ns.system", system="") + "\n" if template.prefix else "")
+        + ("{{- " + _lit(start) + " -}}\n" if start else "")
+        + (_join(template.prefix, "ns.system", "system") + "\n" if template.prefix else "")
         + "{%- for m in msgs -%}\n"
         "  {%- set c = m['content'] -%}\n"
         "  {%- if c is string -%}{%- set text = c -%}{%- set n_image = 0 -%}\n"
@@ -134,14 +136,14 @@ def chat_template(template, tokenizer) -> str:
         "  {%- endif -%}\n"
         "  {%- if m['role'] == 'user' -%}\n"
         "    {%- if n_image > 0 or '<image>' in text -%}\n"
-        "      {%- set text = '<image>\\n' + (text | replace('<image>', '') | trim) -%}\n"
+        "      {%- set text = ('<image>\\n' + (text | replace('<image>', '') | trim)) | trim -%}\n"
         "    {%- endif -%}\n"
         + ("" if template.prompt_text else
            "    {%- set text = '<image>' if '<image>' in text else '' -%}\n")
-        + "    " + _join(template.user, "text", content="") + "\n"
+        + "    " + _join(template.user, "text", "content", system=template.system) + "\n"
         "    {%- if not loop.last or add_generation_prompt -%}{{- " + _lit(template.assistant) + " -}}{%- endif -%}\n"
         "  {%- elif m['role'] == 'assistant' -%}\n"
-        "    " + _join(template.answer, "text", content="", end=end) + "\n"
+        "    " + _join(template.answer, "text", "content", end=end) + "\n"
         + ("    {{- " + _lit(template.after) + " -}}\n" if template.after else "")
         + "  {%- endif -%}\n"
         "{%- endfor -%}\n")
@@ -183,6 +185,8 @@ def to_messages(conversations: list[dict], image=None) -> list[dict]:
 
 _PROBES = [
     [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A red square."}],
+    [{"from": "human", "value": "What is it?\n<image>"}, {"from": "gpt", "value": "A red square."}],
+    [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "A red square."}],
     [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "Red."},
      {"from": "human", "value": "And the shape?"}, {"from": "gpt", "value": "A circle, on the left."}],
     [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello!"}],
@@ -191,17 +195,27 @@ _PROBES = [
 
 def verify_chat_template(jinja: str, template, tokenizer) -> None:
     """Render probe conversations (and their generation prompts) both ways; refuse the
-    export if the Jinja text differs from Warren's by one character."""
+    export if the Jinja text differs from Warren's by one character. Conversations the
+    template does not take (stage-1 'plain' takes one image-caption pair) are skipped."""
     from transformers.utils.chat_template_utils import render_jinja_template
+
+    from mllm.templates import ConversationError
+    checked = 0
     for conv in _PROBES:
         for gen in (False, True):
             turns = conv[:-1] if gen else conv
-            want = warren_text(template, turns, tokenizer, add_generation_prompt=gen)
+            try:
+                want = warren_text(template, turns, tokenizer, add_generation_prompt=gen)
+            except ConversationError:
+                continue
             got, _ = render_jinja_template(conversations=[to_messages(turns)], chat_template=jinja,
                                            add_generation_prompt=gen, **tokenizer.special_tokens_map)
             if got[0] != want:
                 raise NotExportable(f"template '{template.name}': the chat template renders {got[0]!r} "
                                     f"where Warren renders {want!r}")
+            checked += 1
+    if not checked:
+        raise NotExportable(f"template '{template.name}' renders none of the probe conversations")
 
 
 # ---------------------------------------------------------------------- writing

@@ -12,9 +12,9 @@ from typing import Iterable
 IMAGE_TOKEN = "<image>"
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
-# The chat-format markers of the Llama-3 and Qwen2 templates.
+# The chat-format markers of the Llama-3, Qwen2 and Vicuna (LLaVA v1) templates.
 TEMPLATE_TOKENS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                   "<|im_start|>", "<|im_end|>"]
+                   "<|im_start|>", "<|im_end|>", "</s>"]
 
 
 def build_local(texts: Iterable[str], vocab_size: int = 512):
@@ -45,6 +45,8 @@ def load(name_or_path: str):
 
 
 def prepare(tok):
+    """Add `<image>` as a special token (what the trainer, `warren tokens` and the
+    exports agree on) and a pad token (eos) where the tokenizer has none."""
     if IMAGE_TOKEN not in tok.get_vocab():
         tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tok.pad_token is None:

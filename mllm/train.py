@@ -40,6 +40,7 @@ from mllm.templates import BUNNY_SYSTEM
 from mllm.templates import REGISTRY as TEMPLATES
 from mllm.templates import get as get_template
 from pipelines import manifest as manifest_mod
+from pipelines import schemas, storage
 from pipelines.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -125,14 +126,18 @@ def _init_from(cfg: Config, stage: int, output_dir: str) -> str | None:
 
 
 def prepare(cfg: Config, manifest_path: str, output_dir: str, stage: int,
-            world_size: int = 1) -> Setup:
-    """Load the manifest (verifying its hashes), tokenizer, model and data of a stage."""
+            world_size: int = 1, progress: bool = False) -> Setup:
+    """Load the manifest (verifying its hashes), tokenizer, model and data of a stage.
+    Every row of the stage's table is checked here, before step 1: `setup.dataset.rejects`
+    holds the rows refused (see mllm.data), and `check_rejects` writes them."""
     s = cfg.stage(stage)
     out = stage_dir(output_dir, stage)
     man = manifest_mod.load(manifest_path, verify=True)
     table = man.table_path(s.table)  # raises ManifestError naming the table if absent
     init_from = _init_from(cfg, stage, output_dir)
     tokenizer = _tokenizer(cfg, man, stage, out, init_from)
+    template = get_template(s.template)
+    template.check_tokenizer(tokenizer)
 
     torch.manual_seed(cfg.run.seed)  # random-init weights are a function of the seed
     if init_from is None:
@@ -157,9 +162,14 @@ def prepare(cfg: Config, manifest_path: str, output_dir: str, stage: int,
 
     mean, std = vlm.vision.normalisation
     processor = data_mod.ImageProcessor(vlm.vision.image_size, mean, std, cfg.data.image_aspect)
+    # Stage 1 trains only the projector: a text-only row would give it no gradient.
     dataset = data_mod.ConversationDataset(
-        table, data_mod.image_store(man.images(s.table)), tokenizer, get_template(s.template),
-        vlm.num_image_tokens, processor, cfg.data.max_length)
+        table, data_mod.image_store(man.images(s.table)), tokenizer, template,
+        vlm.num_image_tokens, processor, cfg.data.max_length, require_image=stage == 1,
+        progress=progress)
+    if len(dataset) == 0:
+        raise InputError(f"every one of its {len(dataset.rejects):,} rows was refused "
+                         f"({_reasons(dataset)}): nothing to train on", path=table)
     if s.global_batch_size % (s.micro_batch_size * world_size):
         raise ConfigError(f"stage{stage}.global_batch_size {s.global_batch_size} is not a multiple "
                           f"of micro_batch_size {s.micro_batch_size} x {world_size} processes")
@@ -171,6 +181,31 @@ def prepare(cfg: Config, manifest_path: str, output_dir: str, stage: int,
     return Setup(cfg, stage, s, out, tokenizer, vlm, model, dataset, sampler,
                  data_mod.Collator(tokenizer.pad_token_id), accum, total,
                  man.entry(s.table)["sha256"], model_cfg)
+
+
+def _reasons(dataset: data_mod.ConversationDataset) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in dataset.reject_counts().items())
+
+
+def check_rejects(setup: Setup, is_main: bool = True) -> dict:
+    """Write `<stage>/rejects.parquet` (main process) and return the counts for
+    summary.json; with data.strict, stop here (before step 1) if any row was refused."""
+    ds = setup.dataset
+    path = os.path.join(setup.out, "rejects.parquet")
+    if is_main:
+        storage.write_table(ds.reject_table(setup.scfg.table), path, schemas.TRAIN_REJECTS)
+    counts = {"input_rows": len(ds.ids), "trained_rows": len(ds), "rejected_rows": len(ds.rejects),
+              "rejects": ds.reject_counts(), "rejects_path": path}
+    if ds.rejects:
+        first = ds.rejects[0]
+        where = f"first: row {first.row} (id {first.id!r}) {first.reason}: {first.detail}"
+        if setup.cfg.data.strict:
+            raise InputError(f"{len(ds.rejects):,} of {len(ds.ids):,} rows refused before step 1 "
+                             f"({_reasons(ds)}; {where}); data.strict is true: fix them or drop "
+                             f"them (all listed in {path})", path=ds.path)
+        log.warning("stage %d: %d of %d rows refused before step 1 (%s), listed in %s; %s",
+                    setup.stage, len(ds.rejects), len(ds.ids), _reasons(ds), path, where)
+    return counts
 
 
 def optimizer_for(setup: Setup) -> torch.optim.Optimizer:
@@ -252,7 +287,8 @@ def _train(cfg, manifest_path, output_dir, stage, resume, progress, d: distribut
     if ck is not None and not resume:
         raise InputError("already holds checkpoints: pass --resume to continue that run, or "
                          "choose another output folder", path=out)
-    setup = prepare(cfg, manifest_path, output_dir, stage, d.world_size)
+    setup = prepare(cfg, manifest_path, output_dir, stage, d.world_size, progress=progress and d.is_main)
+    row_counts = check_rejects(setup, d.is_main)  # data.strict stops here, before step 1
     s, model, vlm = setup.scfg, setup.model, setup.vlm
     model.to(d.device)
     if s.gradient_checkpointing:
@@ -381,7 +417,7 @@ def _train(cfg, manifest_path, output_dir, stage, resume, progress, d: distribut
                "tokens_per_s": (sum(rates[1:]) / len(rates[1:])) if len(rates) > 1 else
                (rates[0] if rates else None),
                "peak_memory_mb": _peak_memory_mb(d.device), "world_size": d.world_size,
-               "samples": len(setup.dataset), "accum": setup.accum}
+               "samples": len(setup.dataset), "accum": setup.accum, **row_counts}
     if d.is_main:
         final = os.path.join(out, "final")
         final_model = lora.merge(model) if stage == 2 else vlm

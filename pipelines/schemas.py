@@ -87,3 +87,14 @@ IMAGES = pa.schema([
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
 ])
+
+# Rows a training stage refuses before step 1 (<stage>/rejects.parquet): `row` is the row
+# index in `table`, `uid` the table's uid where it has one.
+TRAIN_REJECTS = pa.schema([
+    pa.field("table", pa.string(), nullable=False),
+    pa.field("row", pa.int64(), nullable=False),
+    pa.field("id", pa.string()),
+    pa.field(UID, pa.string()),
+    pa.field("reason", pa.string(), nullable=False),
+    pa.field("detail", pa.string()),
+])

@@ -77,16 +77,9 @@ def square_image(size: int = 48) -> Image.Image:
     return Image.open(io.BytesIO(fx.jpeg("red", "circle"))).convert("RGB").resize((size, size))
 
 
-def whole_string_ids(template, conversations, tok, n_image: int, add_generation_prompt: bool) -> list[int]:
-    """Warren's rendered text tokenized as one string, `<image>` expanded to n_image
-    placeholders: what the token-exact engine gives for untrained text, and what a
-    whole-conversation tokenizer call sees."""
-    text = llava_hf.warren_text(template, conversations, tok, add_generation_prompt)
-    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    ids = []
-    for i in tok(text, add_special_tokens=False)["input_ids"]:
-        ids += [image_id] * n_image if i == image_id else [i]
-    return ids
+def warren_ids(template, conversations, tok, n_image: int, add_generation_prompt: bool) -> list[int]:
+    """The ids Warren trains on (or prompts with): the token-exact template engine."""
+    return template.encode(conversations, tok, n_image, add_generation_prompt=add_generation_prompt)[0]
 
 
 def test_stage2_writes_hf_beside_final_with_its_model_card(siglip_run):
@@ -136,8 +129,7 @@ def test_llava_loads_and_matches_warren_logits_and_greedy_tokens(pair):
 
     ids = generate.prompt_ids(loaded, QUESTION, with_image=True)
     conv = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{QUESTION}"}]
-    assert enc["input_ids"][0].tolist() == whole_string_ids(loaded.template, conv, tok,
-                                                             vlm.num_image_tokens, True)
+    assert enc["input_ids"][0].tolist() == warren_ids(loaded.template, conv, tok, vlm.num_image_tokens, True)
     assert enc["input_ids"][0].tolist() == ids
     assert int((enc["input_ids"] == vlm.image_token_id).sum()) == vlm.num_image_tokens == 16
     pixels = loaded.processor(image).unsqueeze(0)
@@ -200,6 +192,9 @@ def test_pil_processor_pads_non_square_images_as_warren_does(pair):
 
 CONVERSATIONS = [
     [{"from": "human", "value": f"{IMAGE_TOKEN}\nWhat color is the shape?"}, {"from": "gpt", "value": "red."}],
+    # image after the question: both move it to the front, as preprocess_multimodal does
+    [{"from": "human", "value": f"What color is the shape?\n{IMAGE_TOKEN}"}, {"from": "gpt", "value": "red."}],
+    [{"from": "human", "value": IMAGE_TOKEN}, {"from": "gpt", "value": "a red circle."}],
     [{"from": "human", "value": f"{IMAGE_TOKEN}\nWhat color is the shape?"}, {"from": "gpt", "value": "blue."},
      {"from": "human", "value": "And what shape is it?"}, {"from": "gpt", "value": "a square, on the left."}],
     [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "hello!"}],
@@ -220,8 +215,27 @@ def test_chat_template_renders_and_tokenizes_the_training_template(siglip_run, k
     assert text.endswith("<|endoftext|>") and text.count("ASSISTANT:") == len(conv) // 2
     ids = processor.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
     ids = ids[0] if isinstance(ids[0], list) else ids
-    assert ids == whole_string_ids(loaded.template, conv, loaded.tokenizer,
-                                   loaded.model.num_image_tokens, False)
+    assert ids == warren_ids(loaded.template, conv, loaded.tokenizer, loaded.model.num_image_tokens, False)
+
+
+def test_special_token_text_in_content_stays_text_with_sanitize_control_tokens(siglip_run):
+    """Warren never turns content into special ids; apply_chat_template does unless told
+    to sanitize control tokens (documented in docs/train.md)."""
+    from transformers import AutoProcessor
+    loaded = export.load(siglip_run[2]["final"])
+    processor = AutoProcessor.from_pretrained(siglip_run[2]["hf"], backend="pil")
+    conv = [{"from": "human", "value": "Write <|endoftext|> please."},
+            {"from": "gpt", "value": "Here: <|endoftext|> done."}]
+    messages = llava_hf.to_messages(conv)
+    want = warren_ids(loaded.template, conv, loaded.tokenizer, loaded.model.num_image_tokens, False)
+    eos = loaded.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert want.count(eos) == 1  # only the template's own end token
+    raw = processor.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    raw = raw[0] if isinstance(raw[0], list) else raw
+    assert raw.count(eos) == 3 and raw != want
+    safe = processor.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                         sanitize_control_tokens=True)["input_ids"]
+    assert (safe[0] if isinstance(safe[0], list) else safe) == want
 
 
 def test_a_system_message_replaces_the_default_system_prompt(siglip_run):

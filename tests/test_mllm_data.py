@@ -77,32 +77,64 @@ def test_truncation_cuts_text_but_never_image_tokens(tmp_path_factory):
     assert data.truncate(ids, labels, 16, image_id) == (ids, labels, False)
     with pytest.raises(InputError, match="image tokens end at position 6"):
         data.truncate(ids, labels, 5, image_id)
-    # in a dataset: the error names the table, row and id
-    ds = dataset(fx.cached_dataset(tmp_path_factory), max_length=40)
-    with pytest.raises(InputError, match=r"mix.parquet row 0 \(id 'mix-img0000'\)"):
-        ds[0]
-    text_only = ds[len(ds) - 1]
-    assert len(text_only.input_ids) <= 40
+    # in a dataset, a row whose image cannot fit is refused before training, never cut;
+    # stage-1 rows ('plain'): the image (16 tokens), then the caption and "\n"
+    path = fx.cached_dataset(tmp_path_factory)
+    short = dataset(path, table="stage1", template="plain", max_length=15)
+    assert len(short) == 0 and len(short.rejects) == 16
+    assert {(r.reason, r.detail) for r in short.rejects} == {
+        ("image_past_max_length", "the image tokens end at position 16, past data.max_length 15")}
+    exact = dataset(path, table="stage1", template="plain", max_length=16)  # no caption token left
+    assert {r.reason for r in exact.rejects} == {"nothing_to_train"} and len(exact.rejects) == 16
+    cut = dataset(path, table="stage1", template="plain", max_length=18)
+    assert len(cut) == 16 and not cut.rejects and set(cut.lengths.tolist()) == {18}
+    s = cut[0]
+    assert s.truncated and len(s.input_ids) == 18 and s.input_ids[:16] == [image_id] * 16
 
 
-def test_malformed_rows_are_refused_naming_the_row(tmp_path):
+def test_malformed_rows_become_rejects_naming_the_row(tmp_path):
     rows = fx.mix_rows(3, 1)
     rows[2]["conversations"] = [{"from": "human", "value": "<image>\nq"},
                                 {"from": "human", "value": "again"}]
+    rows[1]["image"] = None  # has_image true, no reference
     fx.write_table(rows, str(tmp_path / "mix.parquet"))
     images = fx.write_images(str(tmp_path), 3)
     manifest.write(str(tmp_path / "manifest.json"), {"mix": str(tmp_path / "mix.parquet")},
                    images={"mix": images})
-    with pytest.raises(InputError) as e:
-        dataset(str(tmp_path / "manifest.json"))
-    assert "row 2" in str(e.value) and "mix-img0002" in str(e.value)
-    assert "turn 1 is from 'human', expected 'gpt'" in str(e.value)
+    ds = dataset(str(tmp_path / "manifest.json"))
+    assert [(r.row, r.id, r.reason, r.detail) for r in ds.rejects] == [
+        (1, "mix-img0001", "image_missing", "has_image is true but image is empty"),
+        (2, "mix-img0002", "bad_conversation", "turn 1 is from 'human', expected 'gpt'")]
+    assert ds.rows.tolist() == [0, 3] and len(ds) == 2 and ds.has_image.tolist() == [True, False]
+    table = ds.reject_table("mix")
+    assert table.schema == schemas.TRAIN_REJECTS
+    assert table.column("row").to_pylist() == [1, 2] and table.column("uid").to_pylist() == [None, None]
+    assert ds.reject_counts() == {"bad_conversation": 1, "image_missing": 1}
+    # samples map to their table rows
+    assert ds[1].pixel_values is None and ds[0].pixel_values.shape == (3, 32, 32)
+
+
+def test_stage1_refuses_text_only_rows(tmp_path_factory):
+    ds = dataset(fx.cached_dataset(tmp_path_factory), template="bunny")
+    man = manifest.load(fx.cached_dataset(tmp_path_factory))
+    s1 = data.ConversationDataset(
+        man.table_path("mix"), data.image_store(man.images("mix")), fx.local_tokenizer(),
+        templates.get("bunny"), N_IMG, data.ImageProcessor(32, (0.5,) * 3, (0.5,) * 3), 256,
+        require_image=True)
+    text_rows = [k for k in range(len(ds)) if not ds.has_image[k]]
+    assert len(text_rows) == 4 and len(s1) == len(ds) - 4 and s1.has_image.all()
+    assert [(r.row, r.reason) for r in s1.rejects] == [(k, "no_image_in_stage1") for k in text_rows]
+
+
+def test_exact_lengths_are_the_sample_lengths(tmp_path_factory):
+    ds = dataset(fx.cached_dataset(tmp_path_factory))
+    assert ds.lengths.tolist() == [len(ds[k].input_ids) for k in range(len(ds))]
 
 
 def test_image_rows_need_an_image_source(tmp_path):
     fx.write_table(fx.mix_rows(2, 0), str(tmp_path / "mix.parquet"))
     manifest.write(str(tmp_path / "manifest.json"), {"mix": str(tmp_path / "mix.parquet")})
-    with pytest.raises(InputError, match="manifest lists no images"):
+    with pytest.raises(InputError, match="2 image rows, but the manifest lists no images"):
         dataset(str(tmp_path / "manifest.json"))
 
 
@@ -190,3 +222,56 @@ def test_ranks_get_disjoint_shards_that_match_single_process_accumulation():
         assert sum(m, []) == s.global_batch(step).tolist()
     # resuming at step 6 yields exactly the tail
     assert list(RankBatches(s, 2, 1, 0, 6, 10)) == one[24:]
+
+
+# ------------------------------------------------------------------ image checks
+
+def _png() -> bytes:
+    from PIL import Image
+    import io
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 10), (10, 200, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _broken_images() -> dict[str, bytes]:
+    good = fx.jpeg("red", "square")
+    png = _png()
+    return {"good": good, "png": png, "trailer": good + b"MOTIONPHOTO" * 20,  # data after EOI
+            "empty": b"", "cut": good[: len(good) // 2], "noise": b"not an image at all" * 10,
+            "cut_png": png[:-20]}
+
+
+WANT = {"good": None, "png": None, "trailer": None, "empty": "image_unreadable",
+        "cut": "image_unreadable", "noise": "image_unreadable", "cut_png": "image_unreadable",
+        "absent": "image_missing"}
+
+
+@pytest.mark.parametrize("kind", ["parquet", "files", "webdataset"])
+def test_image_checks_find_missing_empty_and_truncated_images(tmp_path, kind):
+    import io
+    import tarfile
+    items = _broken_images()
+    if kind == "parquet":
+        path = str(tmp_path / "images.parquet")
+        storage.write_table(pa.table({"uid": list(items), "jpg": list(items.values()),
+                                      "width": [1] * len(items), "height": [1] * len(items)}),
+                            path, schemas.IMAGES)
+        store, refs = data.ParquetImages(path), {k: k for k in WANT}
+    elif kind == "files":
+        for name, b in items.items():
+            (tmp_path / f"{name}.jpg").write_bytes(b)
+        store, refs = data.FileImages(str(tmp_path)), {k: f"{k}.jpg" for k in WANT}
+    else:
+        with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+            for name, b in items.items():
+                info = tarfile.TarInfo(f"{name}.jpg")
+                info.size = len(b)
+                tar.addfile(info, io.BytesIO(b))
+        store, refs = data.WebDatasetImages(str(tmp_path)), {k: k for k in WANT}
+    got = {name: store.probe(ref) for name, ref in refs.items()}
+    assert {name: p[0] if p else None for name, p in got.items()} == WANT
+    assert got["empty"][1] == "empty file (0 bytes)"
+    assert "truncated" in got["cut"][1].lower()
+    if kind == "files":
+        assert store.probe("../escape.jpg")[0] == "image_missing"

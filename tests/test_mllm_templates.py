@@ -1,130 +1,225 @@
-"""Label masks, token by token, against hand-written expectations for every template."""
+"""Templates, token by token, against ids derived by hand.
+
+Each tokenizer here has a vocabulary written out in this file (token_fixtures.word_tokenizer):
+one entry per pre-token, so the expected ids below are written as token strings, worked
+out by hand from the reference's rendering and the tokenizer's split rule, and looked up
+in that vocabulary. `T(...)` marks trained tokens.
+"""
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 
-from mllm import templates
-from mllm.templates import BUNNY_SYSTEM, IGNORE_INDEX, check_conversation
-from mllm_fixtures import local_tokenizer
-from mllm_fixtures import one_thread  # noqa: F401  (fixture)
+from mllm import generate, templates
+from mllm.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX, check_conversation, normalize_image
+from token_fixtures import UNK, word_tokenizer
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+N_IMG = 3
 
-N_IMG = 5  # image tokens per <image> in these tests
-IMG = object()  # marks the image span in an expectation
+
+class T(str):
+    """A trained token."""
+
+
+IMG = object()  # the image span
+
+SYS_GPT2 = ["A", "Ġchat", "Ġbetween", "Ġa", "Ġcurious", "Ġuser", "Ġand", "Ġan", "Ġartificial",
+            "Ġintelligence", "Ġassistant", ".", "ĠThe", "Ġassistant", "Ġgives", "Ġhelpful", ",",
+            "Ġdetailed", ",", "Ġand", "Ġpolite", "Ġanswers", "Ġto", "Ġthe", "Ġuser", "'s",
+            "Ġquestions", "."]
+SYS_SP = ["▁A", "▁chat", "▁between", "▁a", "▁curious", "▁user", "▁and", "▁an", "▁artificial",
+          "▁intelligence", "▁assistant.", "▁The", "▁assistant", "▁gives", "▁helpful,", "▁detailed,",
+          "▁and", "▁polite", "▁answers", "▁to", "▁the", "▁user's", "▁questions."]
+
+GPT2_WORDS = SYS_GPT2 + [
+    "ĠUSER", "USER", ":", "Ġ", "Ċ", "ĠASSISTANT", "What", "Ġcolor", "Ġis", "Ġit", "?", "ĠRed",
+    "ĠAnd", "Ġthe", "Ġshape", "ĠA", "Ġsquare", "ĠWhat", "Ġtwo", "Ġplus", "ĠFour", "a", "Ġred",
+    "Ġends", "Ġsample", "ĠThe", "Ġtoken", "Ġ<|", "endoftext", "|>", "Ġdoes", "Say", "<|", "im",
+    "_", "start", "Ġshows", "Ġ<", "image", ">", "Ġhere", "ĠUSER", "ĠASSISTANT", "ASSISTANT", "Ġ?"]
+SP_WORDS = SYS_SP + [
+    "▁USER:", "USER:", "▁", "▁\nWhat", "▁color", "▁is", "▁it?", "▁ASSISTANT:", "▁Red.", "▁And",
+    "▁the", "▁shape?", "▁A", "▁square.", "▁a", "▁red", "▁square\n"]
+LLAMA3_WORDS = SYS_GPT2 + [
+    "system", "user", "assistant", "Ċ", "ĊĊ", "What", "Ġcolor", "?", "red", "Shape", "square",
+    "Say", "Ġhello", "hello", "!", "Again"]
+
+
+def ids(tok, tokens):
+    """Expected (ids, labels) from hand-written tokens; IMG = the image span."""
+    vocab = tok.get_vocab()
+    image_id = vocab["<image>"]
+    out, labels = [], []
+    for t in tokens:
+        if t is IMG:
+            out += [image_id] * N_IMG
+            labels += [IGNORE_INDEX] * N_IMG
+        else:
+            out.append(vocab[t])
+            labels.append(vocab[t] if isinstance(t, T) else IGNORE_INDEX)
+    return out, labels
+
+
+def encode(name, tok, conv, **kw):
+    got = templates.get(name).encode(conv, tok, N_IMG, **kw)
+    assert tok.get_vocab()[UNK] not in got[0], "the test vocabulary misses a token"
+    return got
 
 
 def conv(*turns):
     return [{"from": "human" if k % 2 == 0 else "gpt", "value": t} for k, t in enumerate(turns)]
 
 
-def expected(tok, pieces):
-    """ids and labels from hand-written (text, trained) pieces; IMG = the image span."""
-    image_id = tok.convert_tokens_to_ids("<image>")
-    ids, labels = [], []
-    for piece in pieces:
-        if piece is IMG:
-            ids += [image_id] * N_IMG
-            labels += [IGNORE_INDEX] * N_IMG
-            continue
-        text, trained = piece
-        t = tok(text, add_special_tokens=False)["input_ids"]
-        ids += t
-        labels += t if trained else [IGNORE_INDEX] * len(t)
-    return ids, labels
+COLOR = conv("<image>\nWhat color is it?", "Red.", "And the shape?", "A square.")
 
 
-def spans(ids, labels):
-    """The trained spans as lists of ids."""
-    out, cur = [], []
-    for i, lab in zip(ids, labels):
-        if lab != IGNORE_INDEX:
-            assert lab == i
-            cur.append(i)
-        elif cur:
-            out.append(cur)
-            cur = []
-    return out + ([cur] if cur else [])
+def test_bunny_ids_by_hand():
+    tok = word_tokenizer(GPT2_WORDS, "gpt2")
+    # "{system} USER: " | image | "\nWhat color is it? ASSISTANT: Red.<|endoftext|>USER: ..."
+    # ' USER' and ' ASSISTANT' are one token each: the text is tokenized as one string.
+    want = SYS_GPT2 + ["ĠUSER", ":", "Ġ", IMG, "Ċ", "What", "Ġcolor", "Ġis", "Ġit", "?", "ĠASSISTANT",
+                       ":", T("ĠRed"), T("."), T("<|endoftext|>"), "USER", ":", "ĠAnd", "Ġthe",
+                       "Ġshape", "?", "ĠASSISTANT", ":", T("ĠA"), T("Ġsquare"), T("."),
+                       T("<|endoftext|>")]
+    assert encode("bunny", tok, COLOR) == ids(tok, want)
+    text_only = conv("What is two plus two?", "Four.")
+    want = SYS_GPT2 + ["ĠUSER", ":", "ĠWhat", "Ġis", "Ġtwo", "Ġplus", "Ġtwo", "?", "ĠASSISTANT", ":",
+                       T("ĠFour"), T("."), T("<|endoftext|>")]
+    assert encode("bunny", tok, text_only) == ids(tok, want)
+    assert templates.get("phi2") is templates.get("bunny")
 
 
-def check(name, conversation, pieces, full_text, answers):
-    tok = local_tokenizer()
-    ids, labels = templates.get(name).encode(conversation, tok, N_IMG)
-    want_ids, want_labels = expected(tok, pieces)
-    assert len(ids) == len(labels)
-    for k, (a, b, la, lb) in enumerate(zip(ids, want_ids, labels, want_labels)):
-        assert (a, la) == (b, lb), f"token {k}: got {(a, la)}, expected {(b, lb)}"
-    assert len(ids) == len(want_ids)
-    # Independent of how pieces are cut: the ids spell the intended text, and the
-    # trained spans spell exactly the answers with their end tokens.
-    image_id = tok.convert_tokens_to_ids("<image>")
-    squeezed = [i for k, i in enumerate(ids) if i != image_id or k == 0 or ids[k - 1] != image_id]
-    assert tok.decode(squeezed) == full_text
-    assert [tok.decode(s) for s in spans(ids, labels)] == answers
+@pytest.mark.parametrize("style", ["sp", "sp-first"])
+def test_vicuna_v1_ids_by_hand(style):
+    """LLaVA-1.5: BOS first; the chunk after the image gets SentencePiece's prefix '▁';
+    after '</s>' a legacy tokenizer adds '▁' again, a non-legacy one does not."""
+    tok = word_tokenizer(SP_WORDS, style)
+    user2 = "▁USER:" if style == "sp" else "USER:"
+    want = ["<s>"] + SYS_SP + ["▁USER:", "▁", IMG, "▁\nWhat", "▁color", "▁is", "▁it?", "▁ASSISTANT:",
+                               T("▁Red."), T("</s>"), user2, "▁And", "▁the", "▁shape?", "▁ASSISTANT:",
+                               T("▁A"), T("▁square."), T("</s>")]
+    assert encode("vicuna_v1", tok, COLOR) == ids(tok, want)
 
 
-def test_bunny_phi2_multi_turn_with_image():
-    c = conv("<image>\nWhat color is it?", "Red.", "And the shape?", "A square.")
-    check("bunny", c,
-          [(BUNNY_SYSTEM + " ", False), ("USER: ", False), IMG, ("\nWhat color is it? ", False),
-           ("ASSISTANT:", False), (" Red.<|endoftext|>", True),
-           ("USER: And the shape? ", False), ("ASSISTANT:", False), (" A square.<|endoftext|>", True)],
-          f"{BUNNY_SYSTEM} USER: <image>\nWhat color is it? ASSISTANT: Red.<|endoftext|>"
-          "USER: And the shape? ASSISTANT: A square.<|endoftext|>",
-          [" Red.<|endoftext|>", " A square.<|endoftext|>"])
+def test_plain_ids_by_hand():
+    """Stage 1: the image, the caption, then "\\n" (conv_plain's separator, not eos); the
+    question is dropped. With a BOS tokenizer, BOS comes first (tokenizer_image_token)."""
+    caption = conv("<image>\nDescribe the image briefly.", "a red square")
+    tok = word_tokenizer(GPT2_WORDS, "gpt2")
+    assert encode("plain", tok, caption) == ids(tok, [IMG, T("a"), T("Ġred"), T("Ġsquare"), T("Ċ")])
+    assert templates.get("plain").render(caption, tok) == "<image>a red square\n"
+    sp = word_tokenizer(SP_WORDS, "sp")
+    assert encode("plain", sp, caption) == ids(sp, ["<s>", IMG, T("▁a"), T("▁red"), T("▁square\n")])
+    with pytest.raises(templates.ConversationError, match="one image-and-caption pair"):
+        templates.get("plain").encode(COLOR, tok, N_IMG)
 
 
-def test_bunny_text_only():
-    c = conv("What is two plus two?", "four.")
-    check("bunny", c,
-          [(BUNNY_SYSTEM + " ", False), ("USER: What is two plus two? ", False),
-           ("ASSISTANT:", False), (" four.<|endoftext|>", True)],
-          f"{BUNNY_SYSTEM} USER: What is two plus two? ASSISTANT: four.<|endoftext|>",
-          [" four.<|endoftext|>"])
-
-
-def test_plain_stage1_keeps_image_and_caption_only():
-    c = conv("<image>\nDescribe the image briefly.", "a red square")
-    check("plain", c, [IMG, ("a red square<|endoftext|>", True)],
-          "<image>a red square<|endoftext|>", ["a red square<|endoftext|>"])
-
-
-def test_llama3_multi_turn():
+def test_llama3_ids_by_hand():
+    tok = word_tokenizer(LLAMA3_WORDS, "llama3")
     c = conv("<image>\nWhat color?", "red.", "Shape?", "square.")
-    sys = f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{BUNNY_SYSTEM}<|eot_id|>"
-    user = "<|start_header_id|>user<|end_header_id|>\n\n"
-    asst = "<|start_header_id|>assistant<|end_header_id|>\n\n"
-    check("llama3", c,
-          [(sys, False), (user, False), IMG, ("\nWhat color?<|eot_id|>", False), (asst, False),
-           ("red.<|eot_id|>", True), (f"{user}Shape?<|eot_id|>", False), (asst, False),
-           ("square.<|eot_id|>", True)],
-          f"{sys}{user}<image>\nWhat color?<|eot_id|>{asst}red.<|eot_id|>{user}Shape?<|eot_id|>"
-          f"{asst}square.<|eot_id|>",
-          ["red.<|eot_id|>", "square.<|eot_id|>"])
+    hdr = lambda role: ["<|start_header_id|>", role, "<|end_header_id|>", "ĊĊ"]  # noqa: E731
+    # "\n\n" before text is one pre-token for Llama-3's split rule, as before the image
+    want = (["<|begin_of_text|>"] + hdr("system") + SYS_GPT2 + ["<|eot_id|>"] + hdr("user") + [IMG]
+            + ["Ċ", "What", "Ġcolor", "?", "<|eot_id|>"] + hdr("assistant")
+            + [T("red"), T("."), T("<|eot_id|>")] + hdr("user") + ["Shape", "?", "<|eot_id|>"]
+            + hdr("assistant") + [T("square"), T("."), T("<|eot_id|>")])
+    assert encode("llama3", tok, c) == ids(tok, want)
 
 
-def test_qwen2_text_only_multi_turn():
+def test_qwen2_ids_by_hand():
+    tok = word_tokenizer(LLAMA3_WORDS, "llama3")
     c = conv("Say hello.", "hello!", "Again.", "hello!")
-    sys = f"<|im_start|>system\n{BUNNY_SYSTEM}<|im_end|>\n"
-    check("qwen2", c,
-          [(sys, False), ("<|im_start|>user\nSay hello.<|im_end|>\n", False),
-           ("<|im_start|>assistant\n", False), ("hello!<|im_end|>", True), ("\n", False),
-           ("<|im_start|>user\nAgain.<|im_end|>\n", False), ("<|im_start|>assistant\n", False),
-           ("hello!<|im_end|>", True), ("\n", False)],
-          f"{sys}<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\nhello!<|im_end|>\n"
-          "<|im_start|>user\nAgain.<|im_end|>\n<|im_start|>assistant\nhello!<|im_end|>\n",
-          ["hello!<|im_end|>", "hello!<|im_end|>"])
+    want = (["<|im_start|>", "system", "Ċ"] + SYS_GPT2 + ["<|im_end|>", "Ċ"]
+            + ["<|im_start|>", "user", "Ċ", "Say", "Ġhello", ".", "<|im_end|>", "Ċ"]
+            + ["<|im_start|>", "assistant", "Ċ", T("hello"), T("!"), T("<|im_end|>"), "Ċ"]
+            + ["<|im_start|>", "user", "Ċ", "Again", ".", "<|im_end|>", "Ċ"]
+            + ["<|im_start|>", "assistant", "Ċ", T("hello"), T("!"), T("<|im_end|>"), "Ċ"])
+    assert encode("qwen2", tok, c) == ids(tok, want)
 
 
-def test_generation_prompt_is_the_training_prefix():
-    tok = local_tokenizer()
-    t = templates.get("bunny")
-    full, labels = t.encode(conv("<image>\nWhat color?", "red."), tok, N_IMG)
-    prompt, plabels = t.encode(conv("<image>\nWhat color?"), tok, N_IMG, add_generation_prompt=True)
-    first_trained = next(k for k, lab in enumerate(labels) if lab != IGNORE_INDEX)
-    assert prompt == full[:first_trained]
-    assert all(lab == IGNORE_INDEX for lab in plabels)
-    assert tok.decode(prompt).endswith("What color? ASSISTANT:")
+def test_special_token_text_in_content_is_text():
+    """An answer quoting '<|endoftext|>' is trained as that text, not as eos mid-answer;
+    '<image>' in an answer is text too; the template's own end token stays special."""
+    tok = word_tokenizer(GPT2_WORDS, "gpt2")
+    c = conv("What ends a sample?", "The token <|endoftext|> does.")
+    want = SYS_GPT2 + ["ĠUSER", ":", "ĠWhat", "Ġends", "Ġa", "Ġsample", "?", "ĠASSISTANT", ":",
+                       T("ĠThe"), T("Ġtoken"), T("Ġ<|"), T("endoftext"), T("|>"), T("Ġdoes"), T("."),
+                       T("<|endoftext|>")]
+    got = encode("bunny", tok, c)
+    assert got == ids(tok, want)
+    assert got[0].count(tok.eos_token_id) == 1 and got[0][-1] == tok.eos_token_id
+    # a question quoting a chat marker; an answer quoting <image> (the real image stays one)
+    c = conv("<image>\nSay <|im_start|> ?", "It shows <image> here.")
+    tok2 = word_tokenizer(GPT2_WORDS + ["ĠIt"], "gpt2")
+    got_ids, got_labels = encode("bunny", tok2, c)
+    want = SYS_GPT2 + ["ĠUSER", ":", "Ġ", IMG, "Ċ", "Say", "Ġ<|", "im", "_", "start", "|>", "Ġ?",
+                       "ĠASSISTANT", ":", T("ĠIt"), T("Ġshows"), T("Ġ<"), T("image"), T(">"),
+                       T("Ġhere"), T("."), T("<|endoftext|>")]
+    assert (got_ids, got_labels) == ids(tok2, want)
+    image_id = tok2.convert_tokens_to_ids("<image>")
+    assert got_ids.count(image_id) == N_IMG  # only the human turn's image
+
+
+def test_image_is_moved_to_the_front_as_preprocess_multimodal_does():
+    assert normalize_image(conv("What color is it?\n<image>", "Red.")) == \
+        conv("<image>\nWhat color is it?", "Red.")
+    assert normalize_image(conv("  <image>  ", "a")) == conv("<image>", "a")
+    assert normalize_image(conv("a <image> b <image>", "x <image>")) == conv("<image>\na  b", "x <image>")
+    tok = word_tokenizer(GPT2_WORDS, "gpt2")
+    last = conv("What color is it? <image>", "Red.", "And the shape?", "A square.")
+    assert encode("bunny", tok, last) == encode("bunny", tok, COLOR)
+    assert templates.get("bunny").render(last, tok) == (
+        f"{templates.BUNNY_SYSTEM} USER: <image>\nWhat color is it? ASSISTANT: Red.<|endoftext|>"
+        "USER: And the shape? ASSISTANT: A square.<|endoftext|>")
+    assert templates.get("vicuna_v1").render(conv("q <image>"), word_tokenizer(SP_WORDS, "sp"),
+                                             add_generation_prompt=True) == \
+        f"<s>{templates.BUNNY_SYSTEM} USER: <image>\nq ASSISTANT:"
+
+
+@pytest.mark.parametrize("name,style,words", [
+    ("bunny", "gpt2", GPT2_WORDS), ("vicuna_v1", "sp", SP_WORDS), ("vicuna_v1", "sp-first", SP_WORDS),
+    ("llama3", "llama3", LLAMA3_WORDS), ("qwen2", "llama3", LLAMA3_WORDS),
+    ("plain", "gpt2", GPT2_WORDS)])
+def test_image_last_rows_give_generate_the_training_prompt(name, style, words):
+    """An image-last training row and `warren generate`'s prompt for the same question
+    give the same ids up to the first trained token."""
+    tok = word_tokenizer(words, style)
+    question = {"plain": "What color is it?", "bunny": "What color is it?",
+                "vicuna_v1": "What color is it?"}.get(name, "What color?")
+    answer = {"llama3": "red.", "qwen2": "hello!"}.get(name, "Red." if name != "plain" else "a red square")
+    row = conv(f"{question}\n<image>", answer)
+    ids_, labels = encode(name, tok, row)
+    first = next(k for k, lab in enumerate(labels) if lab != IGNORE_INDEX)
+    loaded = SimpleNamespace(template=templates.get(name), tokenizer=tok,
+                             model=SimpleNamespace(num_image_tokens=N_IMG))
+    assert generate.prompt_ids(loaded, question, with_image=True) == ids_[:first]
+
+
+def test_one_image_placeholder_for_warren_tokens():
+    tok = word_tokenizer(GPT2_WORDS, "gpt2")
+    got, labels = templates.get("bunny").encode(COLOR, tok, 1, image_token_id=IMAGE_TOKEN_INDEX)
+    full, _ = encode("bunny", tok, COLOR)
+    k = got.index(IMAGE_TOKEN_INDEX)
+    assert got.count(IMAGE_TOKEN_INDEX) == 1 and labels[k] == IGNORE_INDEX
+    assert got[:k] + [tok.convert_tokens_to_ids("<image>")] * N_IMG + got[k + 1:] == full
+
+
+def test_stop_ids_and_markers_the_tokenizer_lacks():
+    tok = word_tokenizer(GPT2_WORDS, "gpt2")
+    assert templates.get("bunny").stop_ids(tok) == [tok.eos_token_id]
+    assert templates.get("plain").stop_ids(tok) == [tok.get_vocab()["Ċ"], tok.eos_token_id]
+    sp = word_tokenizer(SP_WORDS, "sp")
+    with pytest.raises(templates.ConfigError, match=r"'bunny' writes <\|endoftext\|>"):
+        templates.get("bunny").check_tokenizer(sp)
+    templates.get("vicuna_v1").check_tokenizer(sp)
+    with pytest.raises(templates.ConfigError, match="</s>"):
+        templates.get("vicuna_v1").check_tokenizer(tok)
+
+
+def test_generation_prompt_must_end_with_a_human_turn():
+    tok = word_tokenizer(GPT2_WORDS, "gpt2")
+    with pytest.raises(templates.ConversationError, match="end with a human turn"):
+        templates.get("bunny").encode(COLOR, tok, N_IMG, add_generation_prompt=True)
 
 
 @pytest.mark.parametrize("turns,has_image,reason", [
@@ -135,13 +230,16 @@ def test_generation_prompt_is_the_training_prefix():
     ([{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}], True, "0 <image> markers"),
     ([{"from": "human", "value": "<image> x"}, {"from": "gpt", "value": "y"}], False,
      "text-only sample contains <image>"),
-    ([{"from": "human", "value": "<image>x"}, {"from": "gpt", "value": "<image>"}], True,
-     "<image> in turn 1"),
+    ([{"from": "human", "value": "<image>x"}, {"from": "gpt", "value": "a"},
+      {"from": "human", "value": "<image>y"}, {"from": "gpt", "value": "b"}], True, "2 <image> markers"),
 ])
 def test_malformed_conversations_have_reasons(turns, has_image, reason):
     assert reason in check_conversation(turns, has_image)
 
 
-def test_valid_conversation_passes():
+def test_valid_conversations_pass():
     assert check_conversation(conv("<image>\nq", "a", "q2", "a2"), True) is None
     assert check_conversation(conv("q", "a"), False) is None
+    # the image may sit in any one human turn, and an answer may quote <image> as text
+    assert check_conversation(conv("q", "a", "q2 <image>", "a2"), True) is None
+    assert check_conversation(conv("<image>x", "write <image> to add a picture"), True) is None
