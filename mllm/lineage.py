@@ -5,8 +5,9 @@
     base       base models (vision tower, LM, tokenizer: hub names or paths)
     recipe     the training config and template of each stage
     data       per stage, the manifest trained on (its sha256, the table's path, rows and
-               sha256) and what built the table: the coreset (funnel, rejects by stage),
-               the stage-1 caption table and the mix (counts, rejects by reason, sources)
+               sha256), what built the table: the coreset (funnel, rejects by stage), the
+               stage-1 caption table and the mix (counts, rejects by reason, sources), and
+               the rows the trainer checked before step 1 (trained, rejected by reason)
     training   final metrics of each stage (loss, steps, tokens)
     eval       per benchmark: the scores `warren eval` measured, with the data path
     export     how the folder was written (mllm.llava_hf) and what differs from Warren
@@ -151,9 +152,11 @@ def _render_data(data: dict) -> list[str]:
             for name, src in sorted((m.get("sources") or {}).items()):
                 lines.append(f"| mix source {name} | input {src.get('input')}, kept {src.get('kept')}, "
                              f"rejected {src.get('rejected')} |")
-        r = info.get("trainer_rejects")
-        if r:
-            lines.append(f"| rows the trainer set aside | {_counts(r)} |")
+        tr = info.get("trainer")
+        if tr:
+            lines.append(f"| rows checked before step 1 | input {tr.get('input_rows')}, trained "
+                         f"{tr.get('trained_rows')}, rejected {tr.get('rejected_rows')}"
+                         + (f" ({_counts(tr.get('rejects'))})" if tr.get("rejects") else "") + " |")
         lines.append("")
     return lines
 

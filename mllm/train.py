@@ -444,8 +444,9 @@ def _finish_export(cfg: Config, setup: Setup, manifest_path: str, summary: dict,
     init_from = _init_from(cfg, stage, os.path.dirname(setup.out))
     before = lineage.read(init_from) if init_from else {}
     data = lineage.data_section(manifest_path, setup.scfg.table, stage)
-    if isinstance(summary.get("rejects"), dict):  # rows the trainer set aside before step 1
-        data[f"stage{stage}"]["trainer_rejects"] = summary["rejects"]
+    if "input_rows" in summary:  # rows checked before step 1, and those set aside
+        data[f"stage{stage}"]["trainer"] = {k: summary.get(k) for k in
+                                            ("input_rows", "trained_rows", "rejected_rows", "rejects")}
     base = before.get("base") or lineage.base_section(setup.model_cfg, cfg.data.tokenizer, len(setup.tokenizer))
     lineage.update(final, **{k: v for k, v in before.items() if k not in ("export", "eval")})
     lineage.update(final, name=before.get("name") or f"Warren VLM ({os.path.basename(os.path.dirname(setup.out))})",

@@ -106,6 +106,9 @@ def test_stage2_writes_hf_beside_final_with_its_model_card(siglip_run):
     assert doc["base"]["vision_tower"].startswith("random init (siglip, 2 layers x 32")
     assert doc["export"]["vision_feature_select_strategy"] == "full"
     assert lineage.read(summary["final"])["data"] == doc["data"]
+    assert doc["data"]["stage2"]["trainer"] == {"input_rows": 16, "trained_rows": 16, "rejected_rows": 0,
+                                                "rejects": {}}
+    assert "| rows checked before step 1 | input 16, trained 16, rejected 0 |" in card
 
 
 def test_clip_export_drops_cls(clip_export):
