@@ -8,7 +8,7 @@ per parameter, each time, for a result that never changes. `cast(model)` makes t
 copies once: each frozen `nn.Linear` gets bfloat16 weight and bias, which autocast then
 uses as they are. The matmul inputs are the same bfloat16 values autocast would have
 produced (round to nearest even, both ways), so losses and gradients are bit-identical
-(tests/test_bench_train.py checks it).
+(tests/test_frozen_cast.py checks it).
 
 Left alone: anything trainable (LoRA A/B, the projector, norms a transform marks
 trainable), every non-Linear module (embeddings, norms and convolutions keep float32,
