@@ -375,3 +375,15 @@ def test_the_guide_snippet_runs_as_written(siglip_run, tmp_path, monkeypatch, ca
     loaded = export.load(siglip_run[2]["final"])
     assert printed == generate.answer(loaded, str(tmp_path / "photo.jpg"), "What is in the picture?",
                                       max_new_tokens=64)
+
+
+def test_stage2_of_a_stabilised_model_skips_hf_and_says_why(siglip_run, tmp_path):
+    manifest_path = siglip_run[0]
+    cfg = presets.tiny({"model.transforms": ["qk_norm"], "stage1.max_steps": 1, "stage2.max_steps": 1,
+                        "stage1.save_every": 1, "stage2.save_every": 1})
+    out = str(tmp_path / "run")
+    s = train.run_stages(cfg, manifest_path, out, progress=False)[2]
+    assert "hf" not in s and not os.path.exists(os.path.join(out, "stage2", "hf"))
+    assert s["hf_skipped"].startswith("cannot export as llava-hf: it uses TinyGPT-V's stabilisers (qk_norm)")
+    assert json.load(open(os.path.join(out, "stage2", "summary.json")))["hf_skipped"] == s["hf_skipped"]
+    assert os.path.exists(os.path.join(out, "stage2", "final", "README.md"))  # Warren's export keeps its card
