@@ -1,25 +1,37 @@
 """Stage-2 training throughput: Warren's trainer against HF `Trainer` + peft, on the
-identical model, data, batches and optimizer, in one run.
+identical model, data, batches and optimizer, in one run, reported three ways:
+
+  (a) warren / hf          Warren as shipped against HF Trainer as shipped      target >= 1.5x
+  (b) warren / hf-sup      HF Trainer given Warren's supervised-positions-only
+                           head: what is left is the loop                       target >= 1.05x
+  (c) warren-full / hf     Warren with the full output head (the loop alone,
+                           seen from the other side)
 
     python bench/train.py                                   # CPU, a small Phi/SigLIP model
+    python bench/train.py --threads 1 --clock cpu --repeat 2   # on a busy shared machine
     python bench/train.py --device cuda --preset phi2-siglip-random --micro-batch 8 --steps 20
 
-Each contender runs in its own child process (so peak memory is its own: ru_maxrss on
+Contenders, each in its own child process (so peak memory is its own: ru_maxrss on
 CPU, torch.cuda.max_memory_allocated on CUDA):
-  warren        mllm.train.train (stage 2): what `warren train` runs
-  warren-full   the same, with the output head over every position (ablation: how much
-                of the difference is the supervised-positions-only head)
-  hf            transformers.Trainer on the same peft-wrapped VLM: same DataLoader batches
-                (Warren's sampler), same AdamW param groups and cosine schedule, same
-                precision; its default loss path (logits at every position)
-Both start from the same stage-1 export (built once here, random weights). With
+  warren         mllm.train.train (stage 2): what `warren train` runs
+  warren-full    the same, with the output head over every position
+  warren-nocast  the same as warren, but frozen weights cast by autocast in every
+                 forward (what the once-per-run cast of mllm.frozen_cast is worth)
+  hf             transformers.Trainer on the same peft-wrapped VLM: same DataLoader batches
+                 (Warren's sampler), same AdamW param groups and cosine schedule, same
+                 precision; its default loss path (logits at every position)
+  hf-sup         the same Trainer, its compute_loss asking the model for the
+                 supervised-positions-only head
+All start from the same stage-1 export (built once here, random weights). With
 `--repeat N` the contenders run in N interleaved rounds and each reports its fastest
-round: on a shared machine other work only ever slows a run down. tokens/s =
-non-pad tokens (image tokens included) of the timed steps / wall time between the end of
-the first `--warmup` steps and the end of the last step. MFU (CUDA only) counts
-6 x trainable-free forward/backward FLOPs: 2N forward + 2N input-gradient per token for
-the LM (frozen weights get no weight gradient), 2N for the vision tower's forward, divided
-by --peak-tflops (H100/H200 dense bf16: 989).
+round: on a shared machine other work only ever slows a run down. tokens/s = non-pad
+tokens (image tokens included) of the timed steps / time between the end of the first
+`--warmup` steps and the end of the last step: wall time (`--clock wall`, the default),
+or the process's CPU time (`--clock cpu`, CPU only: with `--threads 1` it is what the
+work costs, whatever else the machine runs). MFU (CUDA only) counts 2N forward +
+2N input-gradient FLOPs per token for the LM (frozen weights get no weight gradient) and
+2N per patch for the vision tower's forward, divided by --peak-tflops (H100/H200 dense
+bf16: 989).
 """
 from __future__ import annotations
 
@@ -153,15 +165,17 @@ def worker(args) -> dict:
         os.symlink(os.path.join(args.workdir, "base", "stage1"), os.path.join(run, "stage1"))
     setup = train.prepare(cfg, args.manifest, run, stage=2)
     toks, imgs = step_tokens(setup, args.steps)
-    if args.worker in ("warren", "warren-full"):
+    if args.worker.startswith("warren"):
         del setup
         gc.collect()  # the throwaway model must not count towards this contender's peak
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         train.train(cfg, args.manifest, run, stage=2, progress=False, device=args.device,
-                    supervised_logits_only=args.worker == "warren")
+                    supervised_logits_only=args.worker != "warren-full",
+                    cast_frozen=args.worker != "warren-nocast")
+        key = "cpu_time" if args.clock == "cpu" else "time"
         with open(os.path.join(run, "stage2", "metrics.jsonl")) as f:
-            ends = [json.loads(line)["time"] for line in f]
+            ends = [json.loads(line)[key] for line in f]
     else:
         ends = run_hf(args, cfg, setup, run)
     w = args.warmup
@@ -171,7 +185,7 @@ def worker(args) -> dict:
               "tokens_per_s": tokens / seconds, "peak_memory_mb": peak_mb(args.device),
               "tokens_per_step": tokens / (args.steps - w)}
     if args.device == "cuda":
-        setup2 = setup if args.worker == "hf" else train.prepare(cfg, args.manifest, run, stage=2)
+        setup2 = setup if args.worker.startswith("hf") else train.prepare(cfg, args.manifest, run, stage=2)
         flops = sum(model_flops_per_step(setup2, t, i) for t, i in zip(toks[w:], imgs[w:]))
         result["mfu"] = flops / seconds / (args.peak_tflops * 1e12)
     return result
@@ -195,9 +209,17 @@ def run_hf(args, cfg, setup, run) -> list[float]:
         setup.dataset, collate_fn=setup.collator, num_workers=args.workers,
         batch_sampler=RankBatches(setup.sampler, setup.scfg.micro_batch_size, 1, 0, 0, args.steps))
 
+    supervised_only = args.worker == "hf-sup"
+
     class SameBatches(Trainer):
         def get_train_dataloader(self):
             return loader
+
+        def compute_loss(self, model, inputs, *a, **k):
+            # (b): HF's loop as shipped, the model asked for the same head Warren uses.
+            if supervised_only:
+                inputs = {**inputs, "supervised_logits_only": True}
+            return super().compute_loss(model, inputs, *a, **k)
 
     ends: list[float] = []
 
@@ -205,7 +227,7 @@ def run_hf(args, cfg, setup, run) -> list[float]:
         def on_step_end(self, *a, **k):
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            ends.append(time.time())
+            ends.append(time.process_time() if args.clock == "cpu" else time.time())
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -220,6 +242,27 @@ def run_hf(args, cfg, setup, run) -> list[float]:
                           callbacks=[Clock()])
     trainer.train()
     return ends
+
+
+RATIOS = [("(a)", "warren", "hf", "Warren as shipped / HF Trainer as shipped", 1.5),
+          ("(b)", "warren", "hf-sup", "Warren / HF Trainer with the same head (the loop)", 1.05),
+          ("(c)", "warren-full", "hf", "Warren with the full head / HF Trainer as shipped", None),
+          ("", "warren", "warren-nocast", "the frozen-weight cast, alone", None)]
+
+
+def table(results: dict) -> str:
+    """The (a)(b)(c) ratios of tokens/s (and peak memory) as a Markdown table."""
+    lines = ["| | contenders | tokens/s | ratio | peak memory | target |", "|---|---|---|---|---|---|"]
+    for tag, num, den, what, target in RATIOS:
+        if num not in results or den not in results:
+            continue
+        a, b = results[num], results[den]
+        ratio = a["tokens_per_s"] / b["tokens_per_s"]
+        mem = a["peak_memory_mb"] / b["peak_memory_mb"]
+        goal = "" if target is None else f">= {target}x: {'met' if ratio >= target else 'NOT met'}"
+        lines.append(f"| {tag} {what} | {num} / {den} | {a['tokens_per_s']:.0f} / {b['tokens_per_s']:.0f} "
+                     f"| {ratio:.2f}x | {mem:.2f}x | {goal} |")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -241,13 +284,17 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--peak-tflops", type=float, default=989.0)
-    p.add_argument("--contenders", default="warren,hf,warren-full")
+    p.add_argument("--contenders", default="warren,hf,hf-sup,warren-full,warren-nocast")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="time the steps by wall clock or by the process's CPU time (CPU runs)")
     p.add_argument("--repeat", type=int, default=1,
                    help="interleaved rounds; each contender reports its fastest")
     p.add_argument("--workdir", default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--manifest", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.clock == "cpu" and args.device != "cpu":
+        p.error("--clock cpu times CPU work; on a GPU use the wall clock")
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
@@ -281,10 +328,7 @@ def main() -> int:
                   + (f"  MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""), file=sys.stderr)
             if name not in results or r["tokens_per_s"] > results[name]["tokens_per_s"]:
                 results[name] = r
-    if "warren" in results and "hf" in results:
-        ratio = results["warren"]["tokens_per_s"] / results["hf"]["tokens_per_s"]
-        mem = results["warren"]["peak_memory_mb"] / results["hf"]["peak_memory_mb"]
-        print(f"speed-up warren / hf: {ratio:.2f}x   peak memory warren / hf: {mem:.2f}x")
+    print(table(results))
     print(json.dumps({"config": {k: v for k, v in vars(args).items() if k not in ("worker", "manifest")},
                       "results": results}, indent=1))
     return 0

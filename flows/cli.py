@@ -35,6 +35,7 @@ COMMANDS = {
     "mix": "flows.commands.mix",
     "train": "flows.commands.train",
     "generate": "flows.commands.generate",
+    "export": "flows.commands.export",
     "tokens": "flows.commands.tokens",
     "import-tinygptv": "flows.commands.import_tinygptv",
     "report": "flows.commands.report",

@@ -221,7 +221,7 @@ class ImageProcessor:
         image = image.convert("RGB")
         if self.aspect == "pad" and image.width != image.height:
             side = max(image.width, image.height)
-            fill = tuple(int(round(m * 255)) for m in self.mean.flatten().tolist())
+            fill = tuple(int(m * 255) for m in self.mean.flatten().tolist())  # LLaVA/Bunny: int(), not round()
             canvas = Image.new("RGB", (side, side), fill)
             canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
             image = canvas

@@ -9,6 +9,10 @@
 
 Loading goes through the same `from_pretrained` path as real hub weights: the export
 is a ModelConfig whose `name_or_path`s point at the sub-folders.
+
+`load` also takes a transformers Llava folder (`warren export --format llava-hf`, see
+mllm.llava_hf), told apart by its files: `warren_vlm.json` here, a `config.json` of
+model_type "llava" there. Either way the result is a `Loaded`.
 """
 from __future__ import annotations
 
@@ -88,11 +92,33 @@ class Loaded:
     model_cfg: ModelConfig
 
 
-def load(folder: str, dtype: str | None = None, device: str = "cpu") -> Loaded:
-    """Model, tokenizer, template and image processor of an export folder."""
+def kind(folder: str) -> str | None:
+    """'warren' (this module's export), 'llava-hf' (mllm.llava_hf), or None."""
+    from mllm import llava_hf
+    if os.path.exists(os.path.join(folder, META)):
+        return "warren"
+    if llava_hf.is_folder(folder):
+        return llava_hf.FORMAT
+    return None
+
+
+def tokenizer_dir(folder: str) -> str:
+    """Where a model folder of either kind keeps its tokenizer."""
+    return os.path.join(folder, "tokenizer") if kind(folder) == "warren" else folder
+
+
+def load(folder: str, dtype: str | None = None, device: str = "cpu",
+         template: str | None = None) -> Loaded:
+    """Model, tokenizer, template and image processor of an export folder (Warren's or
+    a Llava folder; `template` names the template of a Llava folder Warren did not write)."""
+    found = kind(folder)
+    if found is None:
+        raise InputError(f"not a model folder (no {META}, and no config.json of a Llava model)",
+                         path=folder)
+    if found != "warren":
+        from mllm import llava_hf
+        return llava_hf.load(folder, dtype=dtype, device=device, template=template)
     meta_path = os.path.join(folder, META)
-    if not os.path.exists(meta_path):
-        raise InputError(f"not a Warren model folder (no {META})", path=folder)
     with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
     if meta.get("format") != FORMAT:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import yaml
 
-from mllm import checkpoint, distributed, export, lora
+from mllm import checkpoint, distributed, export, frozen_cast, lora
 from mllm import data as data_mod
 from mllm import tokenizer as tok_mod
 from mllm.config import Config, ModelConfig, StageConfig
@@ -128,7 +128,7 @@ def _tokenizer(cfg: Config, manifest, stage: int, out: str, init_from: str | Non
     if os.path.isdir(saved):  # a resumed run keeps its own tokenizer
         return tok_mod.load(saved)
     if init_from is not None:
-        return tok_mod.load(os.path.join(init_from, "tokenizer"))
+        return tok_mod.load(export.tokenizer_dir(init_from))
     if cfg.data.tokenizer != "local":
         return tok_mod.load(cfg.data.tokenizer)
     # The templates' fixed text (system prompt, role names) is in every sample.
@@ -143,8 +143,9 @@ def _tokenizer(cfg: Config, manifest, stage: int, out: str, init_from: str | Non
 def _init_from(cfg: Config, stage: int, output_dir: str) -> str | None:
     s = cfg.stage(stage)
     if s.init_from is not None:
-        if not os.path.exists(os.path.join(s.init_from, export.META)):
-            raise ConfigError(f"stage{stage}.init_from: {s.init_from} is not an exported model folder")
+        if export.kind(s.init_from) is None:
+            raise ConfigError(f"stage{stage}.init_from: {s.init_from} is not an exported model folder "
+                              "(Warren's final/ or a llava-hf folder)")
         return s.init_from
     if stage == 1:
         return None
@@ -311,20 +312,23 @@ def plot_loss(metrics_path: str, png_path: str) -> str:
 
 def train(cfg: Config, manifest_path: str, output_dir: str | None = None, stage: int | None = None,
           resume: bool = False, progress: bool = True, device: str = "auto",
-          supervised_logits_only: bool = True) -> dict:
-    """Run one stage end to end; returns a summary (also written to summary.json)."""
+          supervised_logits_only: bool = True, cast_frozen: bool = True) -> dict:
+    """Run one stage end to end; returns a summary (also written to summary.json).
+    `supervised_logits_only` and `cast_frozen` (bf16: frozen linear weights cast once,
+    mllm.frozen_cast) are on in every real run; bench/train.py turns them off to show
+    what each is worth."""
     stage = int(stage or cfg.run.stage)
     output_dir = output_dir or cfg.run.output_dir
     d = distributed.setup(device)
     try:
         return _train(cfg, manifest_path, output_dir, stage, resume, progress, d,
-                      supervised_logits_only)
+                      supervised_logits_only, cast_frozen)
     finally:
         distributed.teardown()
 
 
 def _train(cfg, manifest_path, output_dir, stage, resume, progress, d: distributed.Dist,
-           supervised_logits_only: bool) -> dict:
+           supervised_logits_only: bool, cast_frozen: bool = True) -> dict:
     t_start = time.perf_counter()
     out = stage_dir(output_dir, stage)
     ck = checkpoint.latest(out)
@@ -386,6 +390,10 @@ def _train(cfg, manifest_path, output_dir, stage, resume, progress, d: distribut
         generator=torch.Generator())
     batches = iter(loader)
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=s.precision == "bf16")
+    # Frozen weights: one bf16 copy per run instead of one per forward (bit-identical;
+    # the float32 originals wait on the CPU for the export).
+    restore_frozen = (frozen_cast.cast(model) if s.precision == "bf16" and cast_frozen
+                      else (lambda: None))
     trainable = [p for p in model.parameters() if p.requires_grad]
     bar = None
     if progress and d.is_main:
@@ -432,6 +440,7 @@ def _train(cfg, manifest_path, output_dir, stage, resume, progress, d: distribut
                     "step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                     "tokens": int(n_seen), "supervised_tokens": int(n_tokens),
                     "tokens_per_s": n_seen / dt, "step_s": dt, "time": time.time(),
+                    "cpu_time": time.process_time(),
                     "epoch": step / setup.sampler.steps_per_epoch}) + "\n")
                 metrics_file.flush()
             if bar is not None:
@@ -448,6 +457,7 @@ def _train(cfg, manifest_path, output_dir, stage, resume, progress, d: distribut
         if bar is not None:
             bar.close()
 
+    restore_frozen()
     summary = {"stage": stage, "steps": setup.total_steps, "resumed_from": start_step or None,
                "last_checkpoint": last_saved, "output_dir": out,
                "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
@@ -465,10 +475,40 @@ def _train(cfg, manifest_path, output_dir, stage, resume, progress, d: distribut
         summary["plot"] = plot_loss(metrics_path, os.path.join(out, "loss.png"))
         summary["seconds"] = time.perf_counter() - t_start
         summary["code_version"] = manifest_mod.code_version()
+        _finish_export(cfg, setup, manifest_path, summary, final_model)
         with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
     d.barrier()
     return summary
+
+
+def _finish_export(cfg: Config, setup: Setup, manifest_path: str, summary: dict, final_model) -> None:
+    """The model card of `final/` (lineage: base models, recipe, data, metrics; a stage-2
+    card carries stage 1's too) and, after stage 2, `hf/`: the same model as a
+    transformers Llava folder (mllm.llava_hf), or the one-line reason it cannot be."""
+    from mllm import lineage, llava_hf
+    stage, final = setup.stage, summary["final"]
+    init_from = _init_from(cfg, stage, os.path.dirname(setup.out))
+    before = lineage.read(init_from) if init_from else {}
+    data = lineage.data_section(manifest_path, setup.scfg.table, stage)
+    if "input_rows" in summary:  # rows checked before step 1, and those set aside
+        data[f"stage{stage}"]["trainer"] = {k: summary.get(k) for k in
+                                            ("input_rows", "trained_rows", "rejected_rows", "rejects")}
+    base = before.get("base") or lineage.base_section(setup.model_cfg, cfg.data.tokenizer, len(setup.tokenizer))
+    lineage.update(final, **{k: v for k, v in before.items() if k not in ("export", "eval")})
+    lineage.update(final, name=before.get("name") or f"Warren VLM ({os.path.basename(os.path.dirname(setup.out))})",
+                   base=base, recipe=lineage.recipe_section(cfg, stage, init_from), data=data,
+                   training=lineage.training_section(summary))
+    if stage != 2:
+        return
+    hf = os.path.join(setup.out, "hf")
+    try:
+        llava_hf.save(final_model, setup.tokenizer, get_template(setup.scfg.template), hf,
+                      cfg.data.image_aspect, setup.model_cfg, lineage_doc=lineage.read(final), source=final)
+        summary["hf"] = hf
+    except llava_hf.NotExportable as e:
+        log.warning("no %s folder: %s", hf, e)
+        summary["hf_skipped"] = str(e)
 
 
 def completed(output_dir: str, stage: int) -> dict | None:
