@@ -415,8 +415,10 @@ def test_json_list_parser_matches_json_load_at_any_chunk_size(tmp_path):
     p.write_text("  [\n" + " ,\n".join(json.dumps(i, ensure_ascii=False) for i in items) + "\n]\n")
     for chunk in (1, 2, 3, 7, 64, 1 << 20):
         got = list(readers.iter_json_list(str(p), chunk_chars=chunk))
-        assert [obj for _, obj, _, _ in got] == items, chunk
-        assert [json.loads(text) for _, _, text, _ in got] == items            # the raw slices
+        assert [obj for _, obj, _, _, _ in got] == items, chunk
+        assert [json.loads(text) for _, _, text, _, _ in got] == items         # the raw slices
+        data = p.read_bytes()
+        assert [data[o:o + n].decode() for _, _, _, _, (o, n) in got] == [t for _, _, t, _, _ in got]
     (tmp_path / "e.json").write_text("[]")
     assert list(readers.iter_json_list(str(tmp_path / "e.json"))) == []
 
@@ -611,3 +613,32 @@ def test_changing_the_seed_redoes_the_prepared_sources(tmp_path):
         build.run(r, str(tmp_path / "out"))                 # the same folder each time
         picks.append(set(tables(str(tmp_path / "out"))[0]["id"].to_list()))
     assert picks[0] == picks[2] != picks[1] and all(len(p) == 10 for p in picks)
+
+
+@pytest.mark.parametrize("kind", ["json", "jsonl"])
+def test_records_dropped_late_carry_their_exact_raw_text(tmp_path, kind):
+    # duplicates and sampled-out records are decided after the file was read: their text
+    # is read back from the file by byte offset; a byte order mark, non-ASCII text,
+    # \r\n line ends and a record that is not UTF-8 before them must not shift it
+    items = [{"id": f"r{i}", "note": "é☃🙂" * (i % 3),
+              "conversations": [{"from": "human", "value": f"Qué {i % 20}?"}, {"from": "gpt", "value": "Sí 🙂."}]}
+             for i in range(60)]
+    bad = b'{"id": "latin", "conversations": [{"from": "human", "value": "\xe9"}, {"from": "gpt", "value": "x"}]}'
+    texts = [json.dumps(o, ensure_ascii=False).encode() for o in items]
+    texts.insert(3, bad)
+    if kind == "json":
+        data = b"\xef\xbb\xbf[\r\n  " + b" ,\r\n  ".join(texts) + b"\r\n]\r\n"
+    else:
+        data = b"\xef\xbb\xbf" + b"\r\n".join(texts) + b"\r\n"
+    (tmp_path / f"s.{kind}").write_bytes(data)
+    r = recipe.from_dict({"name": "t", "sources": [{"name": "s", "path": str(tmp_path / f"s.{kind}"), "count": 10}]})
+    stats = build.run(r, str(tmp_path / "out"))
+    _, rej = tables(str(tmp_path / "out"))
+    assert stats["reasons"] == {"bad_text": 1, "duplicate": 40, "sampled_out": 10}
+    source = [o for o in items]
+    source.insert(3, None)
+    for row, reason, record in rej.select("row", "reason", "record").iter_rows():
+        if reason.startswith("bad_text"):
+            assert row == 3 and record == bad.decode("utf-8", "replace")
+        else:
+            assert json.loads(record) == source[row], (row, reason)

@@ -14,7 +14,7 @@ image id as the record id in each of its VQA parts) and gets a unique `uid`,
 "<source name>:<row>". Duplicates are found by content, never by id.
 
 Memory: prepare holds one row group of records; assemble holds a few small columns of
-the candidates (uid, 16-byte digest, 8-byte sampling key), never the conversations.
+the candidates (id, uid, 16-byte digest, 8-byte sampling key), never the conversations.
 Every input element ends up in exactly one of mix.parquet and rejects.parquet: per
 source, input = kept + rejected (checked before anything is written); every reject row
 names its file, row and uid, and carries the record's raw text.
@@ -30,11 +30,14 @@ are written atomically.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
 import re
+import threading
 import time
 from collections import Counter
 from typing import Iterator
@@ -55,6 +58,8 @@ log = logging.getLogger(__name__)
 
 WORK = "_work"
 BATCH = 16_384                     # records per row group while streaming
+STAGE = 512                        # records parsed ahead, for one bulk (parallel) image check;
+                                   # more falls out of the CPU caches between the two passes
 HIST_EDGES = [0, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
 VERSION = 3                        # of the prepared files: a change redoes every source
 
@@ -66,7 +71,8 @@ CANDIDATES = pa.schema(list(schemas.MIX) + [
     pa.field("chars", pa.int64(), nullable=False),
     pa.field("task", pa.string()),                     # identifier in the text; null: untagged
     pa.field("norm", pa.uint8(), nullable=False),      # readers.NORM_NAMES bits
-    pa.field("record", pa.string()),                   # raw text, for the rejects table
+    pa.field("offset", pa.int64()),                    # the raw text in the file, for the
+    pa.field("nbytes", pa.int64()),                    # rejects table (bytes)
 ])
 _KEPT = schemas.MIX.names + ["chars", "task", "norm"]
 
@@ -83,18 +89,18 @@ def uid(source: Source, row: int) -> str:
 # ------------------------------------------------------------------------ helpers
 
 class _Writer:
-    """Rows appended one at a time, written in row groups of BATCH into an open file."""
+    """Rows (tuples in schema order) appended one at a time, written in row groups of
+    BATCH into an open file."""
 
     def __init__(self, f, schema: pa.Schema):
         self.schema = schema
         self.writer = pq.ParquetWriter(f, schema, compression="zstd")
-        self.cols: dict[str, list] = {n: [] for n in schema.names}
+        self.buf: list[tuple] = []
         self.rows = 0
 
-    def add(self, **row) -> None:
-        for n, col in self.cols.items():
-            col.append(row[n])
-        if len(self.cols[self.schema.names[0]]) >= BATCH:
+    def add(self, *row) -> None:
+        self.buf.append(row)
+        if len(self.buf) >= BATCH:
             self.flush()
 
     def write_table(self, table: pa.Table) -> None:
@@ -104,11 +110,12 @@ class _Writer:
             self.rows += table.num_rows
 
     def flush(self) -> None:
-        n = len(self.cols[self.schema.names[0]])
-        if n:
-            self.writer.write_table(pa.Table.from_pydict(self.cols, schema=self.schema))
-            self.rows += n
-            self.cols = {k: [] for k in self.schema.names}
+        if self.buf:
+            cols = zip(*self.buf)           # one transpose per row group, not an append per cell
+            self.writer.write_table(pa.Table.from_arrays(
+                [pa.array(c, type=f.type) for c, f in zip(cols, self.schema)], schema=self.schema))
+            self.rows += len(self.buf)
+            self.buf = []
 
     def close(self) -> None:
         self.flush()
@@ -187,40 +194,46 @@ def file_fingerprint(path: str) -> dict:
 
 
 class Images:
-    """The image root of a run, listed and fingerprinted at most once, on first use."""
+    """The image root of a run, listed and fingerprinted at most once, on first use
+    (a run whose sources are all reused and text-only never walks it)."""
 
     def __init__(self, recipe: Recipe):
         self.root = recipe.image_root if recipe.check_images else None
         self._index: image_files.ImageIndex | None = None
         self._fp: dict | None = None
+        self._lock = threading.Lock()       # the prepare tasks of a flow share one Images
+
+    def _require_root(self) -> None:
+        if not storage.exists(self.root):
+            raise InputError("image root not found (set image_root in the recipe or pass --image-root)",
+                             path=self.root)
 
     @property
     def index(self) -> image_files.ImageIndex:
-        if self._index is None:
-            if not storage.exists(self.root):
-                raise InputError("image root not found (set image_root in the recipe or pass --image-root)",
-                                 path=self.root)
-            t = time.perf_counter()
-            self._index = image_files.ImageIndex(self.root)
-            log.info("image root %s: %d files listed in %.1f s", self.root, len(self._index),
-                     time.perf_counter() - t)
-        return self._index
+        with self._lock:
+            if self._index is None:
+                self._require_root()
+                t = time.perf_counter()
+                self._index = image_files.ImageIndex(self.root)
+                log.info("image root %s: %d files listed in %.1f s", self.root, len(self._index),
+                         time.perf_counter() - t)
+            return self._index
 
     @property
     def fingerprint(self) -> dict:
-        if self._fp is None:
-            if not storage.exists(self.root):
-                raise InputError("image root not found (set image_root in the recipe or pass --image-root)",
-                                 path=self.root)
-            self._fp = {self.root: image_files.fingerprint(self.root)}
-        return self._fp
+        with self._lock:
+            if self._fp is None:
+                self._require_root()
+                self._fp = {self.root: image_files.fingerprint(self.root)}
+            return self._fp
 
+    def stats(self) -> dict | None:
+        """Listed, checked and unreadable files (None when the root was never listed)."""
+        return self._index.stats() if self._index is not None else None
 
-def image_index(recipe: Recipe) -> image_files.ImageIndex | None:
-    """The image root listed once, or None when images are not checked."""
-    if not recipe.check_images or recipe.image_root is None:
-        return None
-    return Images(recipe).index
+    def close(self) -> None:
+        if self._index is not None:
+            self._index.close()
 
 
 def _stale(info: dict, recipe: Recipe, source: Source, images: Images) -> str | None:
@@ -248,6 +261,21 @@ def _progress(it, enabled: bool, desc: str):
     return tqdm(it, desc=desc, unit=" rec", unit_scale=True, mininterval=1.0, leave=False)
 
 
+@contextlib.contextmanager
+def _no_cyclic_gc():
+    """Parsed records hold no reference cycles, so reference counting frees them; but
+    with thousands alive at once (the records staged for one bulk image check, the row
+    group being written) every pass of the cyclic collector walks them all: about a
+    fifth of the run's time, for nothing."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _batches(it, n: int) -> Iterator[list]:
     batch = []
     for x in it:
@@ -261,15 +289,12 @@ def _batches(it, n: int) -> Iterator[list]:
 
 # ------------------------------------------------------------------------ prepare
 
-def prepare(recipe: Recipe, source: Source, output: str, images: Images | image_files.ImageIndex | None = None,
+def prepare(recipe: Recipe, source: Source, output: str, images: Images | None = None,
             progress: bool = False) -> dict:
     """Stage 1 for one source: stream, validate, filter. Writes the candidates and
     rejects under `<output>/_work/` and returns counts (input, candidates, by reason).
     Skipped (returning the recorded counts) when the source's inputs are unchanged
     since it was last prepared into `output` (see the module docstring)."""
-    if isinstance(images, image_files.ImageIndex):      # an index listed by the caller
-        given, images = images, Images(recipe)
-        images._index = given
     images = images if images is not None else Images(recipe)
     marker = f"prepare-{source.name}"
     if storage.is_done(output, marker):
@@ -289,12 +314,12 @@ def prepare(recipe: Recipe, source: Source, output: str, images: Images | image_
     t0 = time.perf_counter()
     file = str(source.path)
 
-    with storage.atomic_open(cand_path) as fc, storage.atomic_open(rej_path) as fr:
+    with storage.atomic_open(cand_path) as fc, storage.atomic_open(rej_path) as fr, _no_cyclic_gc():
         cand = _Writer(fc, CANDIDATES)
         rej = _Writer(fr, schemas.MIX_REJECTS)
         try:
             for batch in _batches(_progress(readers.read(source.path, source.format, source.name),
-                                            progress, source.name), BATCH):
+                                            progress, source.name), STAGE):
                 n_input += len(batch)
                 dropped: list[tuple[int, str | None, str, str | None]] = []   # row, id, reason, text
                 staged: list[tuple[Record, str]] = []
@@ -350,16 +375,14 @@ def prepare(recipe: Recipe, source: Source, output: str, images: Images | image_
                     # and apart from bad_task rejects, which records survive does not depend
                     # on the `task` settings (they change the text, not the selection).
                     d = validate.digest(rec.image, rec.conversations, rec.system)
-                    cand.add(id=rid, source=source.name, image=rec.image, conversations=conv,
-                             n_turns=len(conv), has_image=rec.image is not None,
-                             uid=uid(source, rec.row), system=rec.system, row=rec.row, digest=d,
-                             key=validate.sample_key(recipe.seed, source.name, rid, d),
-                             chars=chars, task=task, norm=rec.norm, record=readers.safe_text(rec.text))
+                    cand.add(rid, source.name, rec.image, conv, len(conv), rec.image is not None,    # MIX
+                             f"{source.name}:{rec.row}", rec.system,
+                             rec.row, d, validate.sample_key(recipe.seed, source.name, rid, d),       # + work
+                             chars, task, rec.norm, *(rec.span or (None, None)))
                 for row, rid, reason, text in sorted(dropped, key=lambda x: x[0]):
                     reasons[reason_code(reason)] += 1
-                    rej.add(id=readers.safe_text(rid, None), source=source.name,
-                            reason=readers.safe_text(reason, None), record=readers.safe_text(text),
-                            uid=uid(source, row), file=file, row=row)
+                    rej.add(readers.safe_text(rid, None), source.name, readers.safe_text(reason, None),
+                            readers.safe_text(text), uid(source, row), file, row)         # MIX_REJECTS
         except BaseException:
             cand.abort()
             rej.abort()
@@ -444,21 +467,22 @@ def _iter_batches(path: str, columns: list[str] | None = None) -> Iterator[pa.Re
 
 
 def _dropped_rows(cand_path: str, dropped: pl.DataFrame, source: Source) -> Iterator[pa.Table]:
-    """The candidates dropped by assemble as rejects rows (raw text included), reading
-    the text column one row group at a time."""
+    """The candidates dropped by assemble as rejects rows, with their raw text read back
+    from the source file (the candidates keep only where it is: offset, bytes)."""
     if not dropped.height:
         return
     crow = dropped["crow"].to_numpy()
     reasons = dropped["reason"].to_list()
-    cols = ["id", "uid", "row", "record"]
     start = j = 0
-    for batch in _iter_batches(cand_path, cols):
+    for batch in _iter_batches(cand_path, ["id", "uid", "row", "offset", "nbytes"]):
         end = start + batch.num_rows
         k = int(np.searchsorted(crow, end))
         if k > j:
             t = pa.Table.from_batches([batch]).take(pa.array(crow[j:k] - start))
+            spans = list(zip(t.column("offset").to_pylist(), t.column("nbytes").to_pylist()))
             yield pa.table({"id": t.column("id"), "source": pa.array([source.name] * t.num_rows, pa.string()),
-                            "reason": pa.array(reasons[j:k], pa.string()), "record": t.column("record"),
+                            "reason": pa.array(reasons[j:k], pa.string()),
+                            "record": pa.array(readers.raw_texts(source.path, spans), pa.string()),
                             "uid": t.column("uid"), "file": pa.array([str(source.path)] * t.num_rows, pa.string()),
                             "row": t.column("row")})
             j = k
@@ -613,9 +637,12 @@ def run(recipe: Recipe, output: str, progress: bool = False, restart_run: bool =
         restart(output)
     t0 = time.perf_counter()
     images = Images(recipe)
-    prepared = {s.name: prepare(recipe, s, output, images=images, progress=progress) for s in recipe.sources}
+    try:
+        prepared = {s.name: prepare(recipe, s, output, images=images, progress=progress) for s in recipe.sources}
+    finally:
+        images.close()
     inputs = inputs_summary(recipe, images)
-    image_stats = images._index.stats() if images._index is not None else None
+    image_stats = images.stats()
     stats = assemble(recipe, output, prepared, progress=progress, inputs=inputs, image_stats=image_stats)
     stats["seconds"]["total"] = round(time.perf_counter() - t0, 3)
     stats["records_per_s"] = round(stats["input"] / max(stats["seconds"]["total"], 1e-9), 1)

@@ -32,8 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pipelines import runkey, storage
 
 EDGE = 32                # bytes read at each end of a file
-CHUNK = 256              # files per thread task
-PARALLEL_FROM = 64       # fewer unchecked files than this: checked in the calling thread
+MIN_CHUNK = 16           # files per thread task, at least
+PARALLEL_FROM = 32       # fewer unchecked files than this: checked in the calling thread
 
 _JPEG = b"\xff\xd8\xff"
 _PNG = b"\x89PNG\r\n\x1a\n"
@@ -127,6 +127,7 @@ class ImageIndex:
         self.files: set[str] = set()
         self._verdicts: dict[str, str | None] = {}
         self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None     # kept across calls: no thread start per batch
         self.check_seconds = 0.0
         if self.remote:
             self.fs, p = storage.filesystem(self.root)
@@ -170,12 +171,22 @@ class ImageIndex:
         if len(todo) < PARALLEL_FROM or self.workers == 1:
             results = self._check_chunk(todo)
         else:
-            chunks = [todo[i:i + CHUNK] for i in range(0, len(todo), CHUNK)]
-            with ThreadPoolExecutor(min(self.workers, len(chunks))) as ex:
-                results = [v for part in ex.map(self._check_chunk, chunks) for v in part]
+            size = max(MIN_CHUNK, -(-len(todo) // self.workers))
+            chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="image-check")
+            results = [v for part in self._pool.map(self._check_chunk, chunks) for v in part]
         with self._lock:
             self._verdicts.update(zip(todo, results))
             self.check_seconds += time.perf_counter() - t
+
+    def close(self) -> None:
+        """Stop the checking threads (a later `check` starts them again)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown()
 
     def problem(self, ref: str) -> str | None:
         """Why the listed file `ref` is unreadable, or None (checks it now if needed)."""

@@ -41,7 +41,6 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-import re
 from dataclasses import dataclass
 from typing import Iterator, Literal
 
@@ -59,6 +58,7 @@ _NUMBER_CHARS = frozenset("0123456789.eE+-")
 # Role names as the reference trainers read them; `sharegpt` also reads OpenAI's.
 ROLES = {"human": "human", "gpt": "gpt", "system": "system"}
 OPENAI_ROLES = {"user": "human", "assistant": "gpt"}
+SHAREGPT_ROLES = ROLES | OPENAI_ROLES
 
 # Record.norm bits: what normalisation changed (stats.json counts them).
 LEADING_GPT = 1          # a leading gpt turn was dropped
@@ -68,9 +68,6 @@ IMAGE_PATH = 8           # the image path was rewritten (backslashes, ./, //)
 NORM_NAMES = {LEADING_GPT: "leading_gpt_dropped", TRAILING_HUMAN: "trailing_human_dropped",
               SYSTEM: "system_kept", IMAGE_PATH: "image_path_normalised"}
 
-# A JSON escape of a surrogate code point (\ud800-\udfff): only records holding one need
-# the exact (per string) check for lone surrogates.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 
 
 @dataclass(frozen=True)
@@ -85,6 +82,7 @@ class Record:
     system: str | None = None
     norm: int = 0
     text: str | None = None
+    span: tuple[int, int] | None = None     # (byte offset, bytes) of `text` in the file
 
 
 @dataclass(frozen=True)
@@ -139,18 +137,28 @@ def bad_string(s: str) -> str | None:
 
 # ------------------------------------------------------------------------ files
 
-def _open_text(path: str):
+def _open_text(path: str) -> tuple[io.TextIOWrapper, int]:
+    """The file as text (undecodable bytes kept as surrogate escapes, newlines as they
+    are) and the byte offset where the text starts (3 after a UTF-8 byte order mark)."""
     fs, p = storage.filesystem(path)
     try:
         raw = fs.open(p, "rb")
     except FileNotFoundError:
         raise InputError("source file not found", path=path) from None
-    return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    start = 3 if raw.read(3) == b"\xef\xbb\xbf" else 0
+    raw.seek(start)
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline=""), start
+
+
+def nbytes(text: str) -> int:
+    """Bytes `text` took in the file (the reader decodes with surrogateescape)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogateescape"))
 
 
 def sniff(path: str) -> Literal["json", "jsonl"]:
     """'json' when the file is one top-level JSON list, else 'jsonl'."""
-    with _open_text(path) as f:
+    f, _ = _open_text(path)
+    with f:
         while True:
             block = f.read(4096)
             if not block:
@@ -160,13 +168,15 @@ def sniff(path: str) -> Literal["json", "jsonl"]:
                 return "json" if stripped[0] == "[" else "jsonl"
 
 
-def iter_json_list(path: str, chunk_chars: int = CHUNK_CHARS) -> Iterator[tuple[int, object, str, None]]:
-    """Yield (index, element, raw text, None) for each element of a top-level JSON list,
-    reading `chunk_chars` characters at a time. Memory holds the current chunk plus one
-    element. Raises InputError if the list itself is broken (unbalanced, truncated, not
-    a list)."""
+def iter_json_list(path: str, chunk_chars: int = CHUNK_CHARS) \
+        -> Iterator[tuple[int, object, str, None, tuple[int, int]]]:
+    """Yield (index, element, raw text, None, (byte offset, bytes)) for each element of a
+    top-level JSON list, reading `chunk_chars` characters at a time. Memory holds the
+    current chunk plus one element. Raises InputError if the list itself is broken
+    (unbalanced, truncated, not a list)."""
     decoder = json.JSONDecoder()
-    with _open_text(path) as f:
+    f, byte_pos = _open_text(path)          # byte_pos: the file offset of buf[pos]
+    with f:
         buf, pos, consumed, eof = "", 0, 0, False
 
         def refill() -> bool:
@@ -183,10 +193,12 @@ def iter_json_list(path: str, chunk_chars: int = CHUNK_CHARS) -> Iterator[tuple[
             return True
 
         def skip_ws() -> str | None:
-            nonlocal pos
+            nonlocal pos, byte_pos
             while True:
+                start = pos
                 while pos < len(buf) and buf[pos] in " \t\r\n":
                     pos += 1
+                byte_pos += pos - start          # JSON whitespace is ASCII: one byte a character
                 if pos < len(buf):
                     return buf[pos]
                 if not refill():
@@ -195,6 +207,7 @@ def iter_json_list(path: str, chunk_chars: int = CHUNK_CHARS) -> Iterator[tuple[
         if skip_ws() != "[":
             raise InputError("not a JSON list (expected '[' at the start)", path=path)
         pos += 1
+        byte_pos += 1
         index = 0
         expect_value = True            # after '[' or ','
         while True:
@@ -214,6 +227,7 @@ def iter_json_list(path: str, chunk_chars: int = CHUNK_CHARS) -> Iterator[tuple[
                 if expect_value:
                     raise InputError(f"unexpected ',' at character {consumed + pos}", path=path)
                 pos += 1
+                byte_pos += 1
                 expect_value = True
                 continue
             if not expect_value:
@@ -237,41 +251,63 @@ def iter_json_list(path: str, chunk_chars: int = CHUNK_CHARS) -> Iterator[tuple[
                     if refill():
                         continue
                 break
-            yield index, obj, buf[pos:end], None
+            text = buf[pos:end]
+            size = nbytes(text)
+            yield index, obj, text, None, (byte_pos, size)
             index += 1
+            byte_pos += size
             pos = end
             expect_value = False
 
 
-def iter_jsonl(path: str) -> Iterator[tuple[int, object, str, str | None]]:
-    """Yield (index, object, raw line, None) per non-blank line, or (index, None, raw
-    line, error) for a line that is not valid JSON. `index` counts non-blank lines."""
+def iter_jsonl(path: str) -> Iterator[tuple[int, object, str, str | None, tuple[int, int]]]:
+    """Yield (index, object, raw line, None, (byte offset, bytes)) per non-blank line, or
+    (index, None, raw line, error, span) for a line that is not valid JSON. `index`
+    counts non-blank lines."""
     fs, p = storage.filesystem(path)
     try:
         f = fs.open(p, "rb")
     except FileNotFoundError:
         raise InputError("source file not found", path=path) from None
     with f:
-        index = 0
+        index = offset = 0
         for n, line in enumerate(f):
+            start = offset
+            offset += len(line)
             if n == 0 and line.startswith(b"\xef\xbb\xbf"):     # a UTF-8 byte order mark
-                line = line[3:]
+                line, start = line[3:], start + 3
             if not line.strip():
                 continue
-            text = line.decode("utf-8", "surrogateescape").rstrip("\r\n")
+            line = line.rstrip(b"\r\n")
+            text = line.decode("utf-8", "surrogateescape")
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
-                yield index, None, text, e.msg
+                yield index, None, text, e.msg, (start, len(line))
             else:
-                yield index, obj, text, None
+                yield index, obj, text, None, (start, len(line))
             index += 1
 
 
-def iter_raw(path: str) -> Iterator[tuple[int, object, str, str | None]]:
+def iter_raw(path: str) -> Iterator[tuple[int, object, str, str | None, tuple[int, int]]]:
     """Elements of a JSON list or lines of a JSON Lines file, sniffed from the content:
-    (index, parsed object, raw text, parse error or None)."""
+    (index, parsed object, raw text, parse error or None, (byte offset, bytes) of the
+    raw text in the file)."""
     return iter_json_list(path) if sniff(path) == "json" else iter_jsonl(path)
+
+
+def raw_texts(path: str, spans: list[tuple[int, int]], limit: int = RECORD_TEXT_LIMIT) -> list[str]:
+    """The raw text of elements given as (byte offset, byte length) spans, each cut to
+    `limit` characters and made safe for Arrow: how the rejects table gets the text of a
+    record dropped after its source was read (a duplicate, a sampled-out record)."""
+    fs, p = storage.filesystem(path)
+    out = []
+    with fs.open(p, "rb") as f:
+        for offset, length in spans:
+            f.seek(offset)
+            data = f.read(min(length, 4 * limit))             # a character is at most 4 bytes
+            out.append(safe_text(data.decode("utf-8", "surrogateescape"), limit))
+    return out
 
 
 # --------------------------------------------------------------------- formats
@@ -303,7 +339,7 @@ def _turns(obj: dict, row: int, rid: str | None, roles: dict, keys=("conversatio
     """(turns as [{"from": human|gpt, "value": str}], system, norm bits), normalised as
     the module docstring says; no judging of order or content beyond that (validate's
     job)."""
-    key = next((k for k in keys if k in obj), None)
+    key = keys[0] if keys[0] in obj else next((k for k in keys[1:] if k in obj), None)
     if key is None:
         return Bad(row, "missing_field", f"no '{keys[0]}'", rid)
     conv = obj[key]
@@ -315,15 +351,23 @@ def _turns(obj: dict, row: int, rid: str | None, roles: dict, keys=("conversatio
     if top is not None and not isinstance(top, str):
         return Bad(row, "bad_field", f"'system' is {type(top).__name__}, not text", rid)
     for k, turn in enumerate(conv):
-        if not isinstance(turn, dict):
-            return Bad(row, "bad_field", f"turn {k} is {type(turn).__name__}, not an object", rid)
-        role = turn.get("from", turn.get("role"))
-        value = turn.get("value", turn.get("content"))
-        if not isinstance(role, str):
-            return Bad(row, "missing_field", f"turn {k} has no 'from'", rid)
-        if not isinstance(value, str):
+        if type(turn) is not dict:
+            if not isinstance(turn, dict):
+                return Bad(row, "bad_field", f"turn {k} is {type(turn).__name__}, not an object", rid)
+        role = turn.get("from")
+        if role is None:
+            role = turn.get("role")
+        value = turn.get("value")
+        if value is None:
+            value = turn.get("content")
+        if type(value) is not str:
             what = "no 'value'" if value is None else f"a {type(value).__name__} 'value'"
             return Bad(row, "missing_field" if value is None else "bad_field", f"turn {k} has {what}", rid)
+        if role == "human" or role == "gpt":             # the common case, as written
+            out.append({"from": role, "value": value})
+            continue
+        if not isinstance(role, str):
+            return Bad(row, "missing_field", f"turn {k} has no 'from'", rid)
         mapped = roles.get(role.strip().lower())
         if mapped is None:
             return Bad(row, "bad_role", f"turn {k} is from {role!r} (LLaVA and Bunny train on human "
@@ -352,6 +396,9 @@ def normalise_image_path(ref: str) -> str:
     """A relative image path with posix separators and without `./`, `//` or `a/..`
     detours (what the trainer joins to the image root). Absolute paths and URLs are
     returned unchanged for validate to reject."""
+    if "\\" not in ref and "//" not in ref and "/." not in ref and not ref.startswith(".") \
+            and not ref.endswith("/"):
+        return ref                                   # already normal (the common case)
     p = ref.replace("\\", "/")
     if p.startswith("/") or "://" in p or (len(p) > 1 and p[1] == ":"):
         return ref
@@ -373,39 +420,34 @@ def _image(obj: dict, row: int, rid: str) -> tuple[str | None, int] | Bad:
 
 
 def _check_text(rec: Record) -> Bad | None:
-    """bad_text for a record holding a lone surrogate or bytes that were not UTF-8."""
-    t = rec.text
-    if t is not None and not _SURROGATE_ESCAPE.search(t):
-        if t.isascii():
-            return None                              # the common case: nothing to check
-        try:
-            t.encode("utf-8")
-            return None
-        except UnicodeEncodeError:
-            pass
-    fields = [("id", rec.id), ("image", rec.image), ("system", rec.system)]
-    fields += [(f"turn {k}", t["value"]) for k, t in enumerate(rec.conversations)]
-    for name, value in fields:
-        if value is None:
+    """bad_text for a record holding a lone surrogate or bytes that were not UTF-8
+    (both are non-ASCII, so ASCII strings, the common case, need one fast scan)."""
+    named = (("id", rec.id), ("image", rec.image), ("system", rec.system))
+    for k, value in enumerate([v for _, v in named] + [t["value"] for t in rec.conversations]):
+        if value is None or value.isascii():
             continue
         why = bad_string(value)
         if why is not None:
-            return Bad(rec.row, "bad_text", f"{name} holds {why}", rec.id, rec.text)
+            name = named[k][0] if k < 3 else f"turn {k - 3}"
+            return Bad(rec.row, "bad_text", f"{name} holds {why}", safe_text(rec.id, None), rec.text)
     return None
 
 
-def to_record(fmt: Format, source: str, row: int, obj: object, text: str | None = None) -> Record | Bad:
+def to_record(fmt: Format, source: str, row: int, obj: object, text: str | None = None,
+              span: tuple[int, int] | None = None) -> Record | Bad:
     """Turn one parsed element of a `fmt` source into a Record, or say why not. `text`
-    is the element's raw text (kept for the rejects table)."""
-    rec = _to_record(fmt, source, row, obj)
+    is the element's raw text and `span` where it is in the file (for the rejects
+    table)."""
+    if text is None:
+        text = raw_text(obj)
+    rec = _to_record(fmt, source, row, obj, text, span)
     if isinstance(rec, Bad):
-        return Bad(rec.row, rec.reason, rec.detail, rec.id, text if text is not None else raw_text(obj))
-    rec = Record(rec.row, rec.id, rec.image, rec.conversations, rec.raw, rec.system, rec.norm,
-                 text if text is not None else raw_text(obj))
+        return Bad(rec.row, rec.reason, rec.detail, rec.id, text)
     return _check_text(rec) or rec
 
 
-def _to_record(fmt: Format, source: str, row: int, obj: object) -> Record | Bad:
+def _to_record(fmt: Format, source: str, row: int, obj: object, text: str, span: tuple[int, int] | None) \
+        -> Record | Bad:
     if not isinstance(obj, dict):
         return Bad(row, "not_an_object", f"element is {type(obj).__name__}")
     if fmt == "wizardlm" and "conversations" not in obj and ("instruction" in obj or "output" in obj):
@@ -420,7 +462,7 @@ def _to_record(fmt: Format, source: str, row: int, obj: object) -> Record | Bad:
             return Bad(row, "bad_field", f"'input' is {type(extra).__name__}", rid)
         prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
         return Record(row, rid, None, [{"from": "human", "value": prompt},
-                                       {"from": "gpt", "value": output}], obj)
+                                       {"from": "gpt", "value": output}], obj, None, 0, text, span)
     if fmt == "llava":
         rid = _id_of(obj, ("id",))
         if rid is None:
@@ -432,7 +474,7 @@ def _to_record(fmt: Format, source: str, row: int, obj: object) -> Record | Bad:
             if fmt == "sharegpt":
                 return Bad(row, "missing_field", "no 'id'")
             rid = f"{source}-{row}"
-        conv = _turns(obj, row, rid, ROLES | OPENAI_ROLES if fmt == "sharegpt" else ROLES,
+        conv = _turns(obj, row, rid, SHAREGPT_ROLES if fmt == "sharegpt" else ROLES,
                       ("conversations", "messages"))
     else:  # pragma: no cover — the recipe validates formats
         raise ValueError(fmt)
@@ -443,12 +485,12 @@ def _to_record(fmt: Format, source: str, row: int, obj: object) -> Record | Bad:
     if isinstance(image, Bad):
         return image
     ref, image_norm = image
-    return Record(row, rid, ref, turns, obj, system, norm | image_norm)
+    return Record(row, rid, ref, turns, obj, system, norm | image_norm, text, span)
 
 
 def read(path: str, fmt: Format, source: str) -> Iterator[Record | Bad]:
     """Every element of a source file as a Record or a Bad, in file order."""
-    for row, obj, text, err in iter_raw(path):
+    for row, obj, text, err, span in iter_raw(path):
         if err is not None:
             bad = bad_string(text)
             if bad is not None:
@@ -456,4 +498,4 @@ def read(path: str, fmt: Format, source: str) -> Iterator[Record | Bad]:
             else:
                 yield Bad(row, "malformed_json", err, None, text)
         else:
-            yield to_record(fmt, source, row, obj, text)
+            yield to_record(fmt, source, row, obj, text, span)

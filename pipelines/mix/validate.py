@@ -36,6 +36,8 @@ def check_image_ref(ref: str) -> str | None:
     it), or None."""
     if ref.startswith(("/", "\\")) or "://" in ref or (len(ref) > 1 and ref[1] == ":"):
         return f"image {ref!r} is absolute; it must be relative to the image root"
+    if not ref.startswith(".") and "/." not in ref and "\\" not in ref:
+        return None                   # normalised by the reader, nothing leaves the root
     norm = posixpath.normpath(ref.replace("\\", "/"))
     if norm == ".." or norm.startswith("../"):
         return f"image {ref!r} leaves the image root"
