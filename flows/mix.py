@@ -18,6 +18,7 @@ import logging
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
+from pipelines import storage
 from pipelines.mix import build, export, recipe as recipes, stage1 as stage1_step
 
 # Loggers that write one line per HTTP request to the Prefect API (httpx at INFO) or
@@ -53,7 +54,7 @@ def mix(recipe_path: str, output: str, data_root: str | None = None, image_root:
     """Build the mix a recipe file describes into `output`; returns the stats."""
     r = recipes.load(recipe_path, data_root=data_root, image_root=image_root)
     build.check_paths(r, output, export_llava_path)
-    build.storage.makedirs(output)
+    storage.makedirs(output)
     if restart:
         build.restart(output)
     images = build.Images(r)                   # listed once, shared by the prepare tasks

@@ -39,7 +39,7 @@ import os
 import re
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Iterator
 
 import numpy as np
@@ -58,8 +58,7 @@ log = logging.getLogger(__name__)
 
 WORK = "_work"
 BATCH = 16_384                     # records per row group while streaming
-STAGE = 512                        # records parsed ahead, for one bulk (parallel) image check;
-                                   # more falls out of the CPU caches between the two passes
+LOOKAHEAD = 2_048                  # records judged ahead of the writer while their images are checked
 HIST_EDGES = [0, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
 VERSION = 3                        # of the prepared files: a change redoes every source
 
@@ -276,17 +275,6 @@ def _no_cyclic_gc():
             gc.enable()
 
 
-def _batches(it, n: int) -> Iterator[list]:
-    batch = []
-    for x in it:
-        batch.append(x)
-        if len(batch) >= n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 # ------------------------------------------------------------------------ prepare
 
 def prepare(recipe: Recipe, source: Source, output: str, images: Images | None = None,
@@ -314,75 +302,81 @@ def prepare(recipe: Recipe, source: Source, output: str, images: Images | None =
     t0 = time.perf_counter()
     file = str(source.path)
 
+    index = images.index if check_images else None
+    # Every record is judged in one pass, as it is read, except for its image file: that
+    # verdict is computed by the checking threads, a LOOKAHEAD of records ahead of the
+    # writer, and applied when the record leaves this queue (file order).
+    pending: deque = deque()      # (row, id, raw text, image to check, reason, candidate row)
+
+    def emit(row, rid, text, ref, reason, cand_row) -> None:
+        if ref is not None:
+            why = validate.image_problem(ref, index)     # waits only if not checked yet
+            if why is not None:
+                reason = f"{why[0]}: {why[1]}"           # the image comes before the task checks
+        if reason is None:
+            cand.add(*cand_row)
+            return
+        reasons[reason_code(reason)] += 1
+        rej.add(readers.safe_text(rid, None), source.name, readers.safe_text(reason, None),
+                readers.safe_text(text), uid(source, row), file, row)                  # MIX_REJECTS
+
     with storage.atomic_open(cand_path) as fc, storage.atomic_open(rej_path) as fr, _no_cyclic_gc():
         cand = _Writer(fc, CANDIDATES)
         rej = _Writer(fr, schemas.MIX_REJECTS)
         try:
-            for batch in _batches(_progress(readers.read(source.path, source.format, source.name),
-                                            progress, source.name), STAGE):
-                n_input += len(batch)
-                dropped: list[tuple[int, str | None, str, str | None]] = []   # row, id, reason, text
-                staged: list[tuple[Record, str]] = []
-                for item in batch:
-                    if isinstance(item, Bad):
-                        rid = None if item.id is None else source.id_prefix + item.id
-                        dropped.append((item.row, rid, item.message, item.text))
+            for item in _progress(readers.read(source.path, source.format, source.name), progress, source.name):
+                n_input += 1
+                if len(pending) >= LOOKAHEAD:
+                    emit(*pending.popleft())
+                if isinstance(item, Bad):
+                    rid = None if item.id is None else source.id_prefix + item.id
+                    pending.append((item.row, rid, item.text, None, item.message, None))
+                    continue
+                rec: Record = item
+                rid = source.id_prefix + rec.id
+                why = validate.check(rec, recipe.limits)
+                if why is not None:
+                    pending.append((rec.row, rid, rec.text, None, f"{why[0]}: {why[1]}", None))
+                    continue
+                if includes and not any(m(rec) for m in includes):
+                    pending.append((rec.row, rid, rec.text, None, "excluded: matches no include rule", None))
+                    continue
+                hit = next((m for m in excludes if m(rec)), None)
+                if hit is not None:
+                    pending.append((rec.row, rid, rec.text, None, f"excluded: {hit.rule.label}", None))
+                    continue
+                ref = rec.image if check_images else None
+                if ref is not None:
+                    uses_images = True
+                    index.prefetch(ref)                 # its header check starts in a thread
+                conv, task = rec.conversations, None
+                if source.task is not None:
+                    # Tag here, before duplicates and sampling, so a record that cannot be
+                    # tagged is a reject like any invalid one and `count` stays exact.
+                    try:
+                        conv = tasks.tag(rec.conversations, rec.image is not None, source.name, source.task)
+                    except InputError as e:
+                        pending.append((rec.row, rid, rec.text, ref, f"bad_task: {e}", None))
                         continue
-                    rec: Record = item
-                    rid = source.id_prefix + rec.id
-                    why = validate.check(rec, recipe.limits)
-                    if why is not None:
-                        dropped.append((rec.row, rid, f"{why[0]}: {why[1]}", rec.text))
-                        continue
-                    if includes and not any(m(rec) for m in includes):
-                        dropped.append((rec.row, rid, "excluded: matches no include rule", rec.text))
-                        continue
-                    hit = next((m for m in excludes if m(rec)), None)
-                    if hit is not None:
-                        dropped.append((rec.row, rid, f"excluded: {hit.rule.label}", rec.text))
-                        continue
-                    staged.append((rec, rid))
-                if check_images:
-                    refs = [rec.image for rec, _ in staged if rec.image is not None]
-                    if refs:
-                        uses_images = True
-                        images.index.check(refs)           # header verdicts, in parallel
-                for rec, rid in staged:
-                    if check_images and rec.image is not None:
-                        why = validate.image_problem(rec.image, images.index)
-                        if why is not None:
-                            dropped.append((rec.row, rid, f"{why[0]}: {why[1]}", rec.text))
-                            continue
-                    conv, task = rec.conversations, None
-                    if source.task is not None:
-                        # Tag here, before duplicates and sampling, so a record that cannot
-                        # be tagged is a reject like any invalid one and `count` stays exact.
-                        try:
-                            conv = tasks.tag(rec.conversations, rec.image is not None, source.name,
-                                             source.task)
-                        except InputError as e:
-                            dropped.append((rec.row, rid, f"bad_task: {e}", rec.text))
-                            continue
-                        task = tasks.task_in(conv[0]["value"])      # validated: turn 0 is human
-                    chars = validate.text_chars(conv, rec.system)
-                    if chars > recipe.limits.max_chars:             # only the identifier can do this
-                        dropped.append((rec.row, rid, f"too_long: {chars} characters with the task "
-                                        f"identifier (limit {recipe.limits.max_chars})", rec.text))
-                        continue
-                    # The duplicate key is taken on the text as read, not as tagged: it finds
-                    # the same sample in two release files (SVIT-mix and LLaVA-665K share
-                    # their VQA part) even when one source tags it and the other does not;
-                    # and apart from bad_task rejects, which records survive does not depend
-                    # on the `task` settings (they change the text, not the selection).
-                    d = validate.digest(rec.image, rec.conversations, rec.system)
-                    cand.add(rid, source.name, rec.image, conv, len(conv), rec.image is not None,    # MIX
-                             f"{source.name}:{rec.row}", rec.system,
-                             rec.row, d, validate.sample_key(recipe.seed, source.name, rid, d),       # + work
-                             chars, task, rec.norm, *(rec.span or (None, None)))
-                for row, rid, reason, text in sorted(dropped, key=lambda x: x[0]):
-                    reasons[reason_code(reason)] += 1
-                    rej.add(readers.safe_text(rid, None), source.name, readers.safe_text(reason, None),
-                            readers.safe_text(text), uid(source, row), file, row)         # MIX_REJECTS
+                    task = tasks.task_in(conv[0]["value"])      # validated: turn 0 is human
+                chars = validate.text_chars(conv, rec.system)
+                if chars > recipe.limits.max_chars:             # only the identifier can do this
+                    pending.append((rec.row, rid, rec.text, ref, f"too_long: {chars} characters with the "
+                                    f"task identifier (limit {recipe.limits.max_chars})", None))
+                    continue
+                # The duplicate key is taken on the text as read, not as tagged: it finds the
+                # same sample in two release files (SVIT-mix and LLaVA-665K share their VQA
+                # part) even when one source tags it and the other does not; and apart from
+                # bad_task rejects, which records survive does not depend on the `task`
+                # settings (they change the text, not the selection).
+                d = validate.digest(rec.image, rec.conversations, rec.system)
+                pending.append((rec.row, rid, rec.text, ref, None, (
+                    rid, source.name, rec.image, conv, len(conv), rec.image is not None,   # MIX
+                    f"{source.name}:{rec.row}", rec.system,
+                    rec.row, d, validate.sample_key(recipe.seed, source.name, rid, d),      # + work
+                    chars, task, rec.norm, *(rec.span or (None, None)))))
+            while pending:
+                emit(*pending.popleft())
         except BaseException:
             cand.abort()
             rej.abort()
@@ -415,19 +409,18 @@ def _decide(recipe: Recipe, output: str) -> list[tuple[np.ndarray, pl.DataFrame]
         frames.append(pl.from_arrow(t).with_columns(
             pl.lit(i, pl.Int32).alias("src"), pl.int_range(pl.len(), dtype=pl.Int64).alias("crow")))
     df = pl.concat(frames, how="vertical") if frames else pl.DataFrame()
-    # Exact duplicates by content: the first occurrence (recipe order, file order) wins.
-    if recipe.dedup == "exact":
-        df = df.with_columns(pl.col("digest").is_first_distinct().alias("first"),
-                             pl.col("uid").first().over("digest").alias("kept_uid"),
-                             pl.col("id").first().over("digest").alias("kept_id"))
-    else:
-        df = df.with_columns(pl.lit(True).alias("first"), pl.lit(None, pl.String).alias("kept_uid"),
-                             pl.lit(None, pl.String).alias("kept_id"))
+    # Exact duplicates by content: the first occurrence (recipe order, file order) wins;
+    # only the (few) repeats look up what they repeat.
+    first = pl.col("digest").is_first_distinct() if recipe.dedup == "exact" else pl.lit(True)
+    df = df.with_columns(first.alias("first"))
+    repeats = df.filter(~pl.col("first")).join(
+        df.filter(pl.col("first")).select("digest", pl.col("uid").alias("kept_uid"), pl.col("id").alias("kept_id")),
+        on="digest", how="left")
     out = []
     for i, s in enumerate(recipe.sources):
         mine = df.filter(pl.col("src") == i)
         keep = np.zeros(mine.height, dtype=bool)
-        drops = [mine.filter(~pl.col("first")).select(
+        drops = [repeats.filter(pl.col("src") == i).select(
             "crow", pl.format("duplicate: same image and conversations as {} (id {})", "kept_uid", "kept_id")
             .alias("reason"))]
         survivors = mine.filter(pl.col("first"))

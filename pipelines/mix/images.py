@@ -27,13 +27,12 @@ import os
 import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from pipelines import runkey, storage
 
 EDGE = 32                # bytes read at each end of a file
-MIN_CHUNK = 16           # files per thread task, at least
-PARALLEL_FROM = 32       # fewer unchecked files than this: checked in the calling thread
+SUBMIT = 32              # files handed to a checking thread at a time
 
 _JPEG = b"\xff\xd8\xff"
 _PNG = b"\x89PNG\r\n\x1a\n"
@@ -118,7 +117,12 @@ class ImageIndex:
     """Every file under an image root, listed once into a set of relative paths, so a
     membership test replaces one stat per record (665K stats on a network disk take
     minutes; one walk takes seconds), plus header verdicts per file, each computed
-    once per run however many records share the file."""
+    once per run however many records share the file.
+
+    `prefetch(ref)` queues a file's check and returns at once (threads check queued
+    files SUBMIT at a time); `problem(ref)` returns the verdict, waiting for it if
+    needed. A reader that prefetches some records ahead of the ones it decides on
+    keeps the threads busy without holding up its own pass."""
 
     def __init__(self, root: str, workers: int | None = None):
         self.root = str(root)
@@ -126,9 +130,12 @@ class ImageIndex:
         self.workers = workers or min(32, 4 * (os.cpu_count() or 1))
         self.files: set[str] = set()
         self._verdicts: dict[str, str | None] = {}
-        self._lock = threading.Lock()
+        self._inflight: dict[str, Future | None] = {}    # None: queued, not handed to a thread
+        self._queued: list[str] = []
+        self._lock = threading.RLock()
         self._pool: ThreadPoolExecutor | None = None     # kept across calls: no thread start per batch
-        self.check_seconds = 0.0
+        self.check_seconds = 0.0                         # in the checking threads, summed
+        self.wait_seconds = 0.0                          # callers waiting for a verdict
         if self.remote:
             self.fs, p = storage.filesystem(self.root)
             self._base = p.rstrip("/") + "/"
@@ -157,47 +164,87 @@ class ImageIndex:
             return check_remote(self.fs, self._base + ref, ref)
         return check_local(os.path.join(self._base, ref), ref)
 
-    def _check_chunk(self, refs: list[str]) -> list[str | None]:
-        return [self._check_one(r) for r in refs]
-
-    def check(self, refs) -> None:
-        """Compute the header verdict of every listed file in `refs` not checked yet
-        (duplicates and unlisted refs are skipped), in parallel threads."""
-        with self._lock:
-            todo = [r for r in dict.fromkeys(refs) if r in self.files and r not in self._verdicts]
-        if not todo:
-            return
+    def _run(self, refs: list[str]) -> None:
         t = time.perf_counter()
-        if len(todo) < PARALLEL_FROM or self.workers == 1:
-            results = self._check_chunk(todo)
-        else:
-            size = max(MIN_CHUNK, -(-len(todo) // self.workers))
-            chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
-            with self._lock:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="image-check")
-            results = [v for part in self._pool.map(self._check_chunk, chunks) for v in part]
+        results = [self._check_one(r) for r in refs]
         with self._lock:
-            self._verdicts.update(zip(todo, results))
+            self._verdicts.update(zip(refs, results))
+            for r in refs:
+                self._inflight.pop(r, None)
             self.check_seconds += time.perf_counter() - t
 
+    def _submit(self) -> None:
+        """Hand the queued files to a thread (or check them here with one worker)."""
+        with self._lock:
+            chunk, self._queued = self._queued, []
+            if not chunk:
+                return
+            if self.workers > 1:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="image-check")
+                fut = self._pool.submit(self._run, chunk)
+                for r in chunk:
+                    if r in self._inflight:          # not already finished by the thread
+                        self._inflight[r] = fut
+                return
+        self._run(chunk)
+
+    def prefetch(self, ref: str) -> None:
+        """Start checking the listed file `ref` (no-op when done, under way or unlisted)."""
+        if ref in self._verdicts or ref in self._inflight or ref not in self.files:
+            return
+        with self._lock:
+            if ref in self._verdicts or ref in self._inflight:
+                return
+            self._inflight[ref] = None
+            self._queued.append(ref)
+            full = len(self._queued) >= SUBMIT
+        if full:
+            self._submit()
+
+    def problem(self, ref: str) -> str | None:
+        """Why the listed file `ref` is unreadable, or None (waits for its check, or
+        checks it now)."""
+        try:
+            return self._verdicts[ref]
+        except KeyError:
+            pass
+        t = time.perf_counter()
+        self.prefetch(ref)
+        with self._lock:
+            fut = self._inflight.get(ref)
+            queued = ref in self._inflight and fut is None
+        if queued:
+            self._submit()
+            with self._lock:
+                fut = self._inflight.get(ref)
+        if fut is not None:
+            fut.result()
+        with self._lock:
+            self.wait_seconds += time.perf_counter() - t
+            return self._verdicts[ref]
+
+    def check(self, refs) -> None:
+        """Header verdicts for every listed file in `refs`, computed in parallel; returns
+        when all are known (duplicates and unlisted refs are skipped)."""
+        refs = [r for r in dict.fromkeys(refs) if r in self.files]
+        for r in refs:
+            self.prefetch(r)
+        self._submit()
+        for r in refs:
+            self.problem(r)
+
     def close(self) -> None:
-        """Stop the checking threads (a later `check` starts them again)."""
+        """Stop the checking threads (a later check starts them again)."""
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown()
 
-    def problem(self, ref: str) -> str | None:
-        """Why the listed file `ref` is unreadable, or None (checks it now if needed)."""
-        if ref not in self._verdicts:
-            self.check([ref])
-        return self._verdicts[ref]
-
     def stats(self) -> dict:
         bad = sum(v is not None for v in self._verdicts.values())
         return {"listed": len(self.files), "checked": len(self._verdicts), "unreadable": bad,
-                "check_seconds": round(self.check_seconds, 3)}
+                "check_seconds": round(self.check_seconds, 3), "wait_seconds": round(self.wait_seconds, 3)}
 
     # ------------------------------------------------------------------ fingerprint
 
