@@ -220,6 +220,8 @@ class ImageIndex:
                 fut = self._inflight.get(ref)
         if fut is not None:
             fut.result()
+        if ref not in self._verdicts:     # being checked by another caller (one worker): do it here
+            self._run([ref])
         with self._lock:
             self.wait_seconds += time.perf_counter() - t
             return self._verdicts[ref]
