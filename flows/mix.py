@@ -54,7 +54,8 @@ def mix(recipe_path: str, output: str, data_root: str | None = None, image_root:
     """Build the mix a recipe file describes into `output`; returns the stats."""
     r = recipes.load(recipe_path, data_root=data_root, image_root=image_root)
     build.check_paths(r, output, export_llava_path)
-    storage.makedirs(output)
+    with build.writing_to(output):
+        storage.makedirs(output)
     if restart:
         build.restart(output)
     images = build.Images(r)                   # listed once, shared by the prepare tasks

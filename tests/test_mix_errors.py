@@ -85,3 +85,31 @@ def test_lone_surrogate_is_a_reject_not_a_crash(tmp_path):
     rej = pl.read_parquet(tmp_path / "out" / "rejects.parquet").row(0, named=True)
     assert rej["reason"] == "bad_text: turn 0 holds a lone surrogate (\\ud83d) at character 1"
     assert (rej["uid"], rej["row"], rej["file"]) == ("a:0", 0, str(tmp_path / "s.json"))
+
+
+def test_output_that_is_a_file_is_one_line(data):
+    (data / "taken").write_text("a user's file")
+    p = warren("--recipe", str(data / "r.yaml"), "--output", str(data / "taken"))
+    assert one_line(p) == (f"warren mix: error: cannot write {data / 'taken'}: a file is in the way of the "
+                           "output folder; free space (or fix the folder) and rerun the same command to resume")
+    assert (data / "taken").read_text() == "a user's file"
+
+
+def test_a_full_disk_is_one_error_naming_the_output(data, monkeypatch):
+    import errno
+
+    from pipelines import storage
+    from pipelines.errors import OutputError
+    from pipelines.mix import build, recipe
+    real = storage.atomic_open
+
+    def full(path, mode="wb"):
+        if str(path).endswith("mix.parquet"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, mode)
+    monkeypatch.setattr(storage, "atomic_open", full)
+    r = recipe.load(str(data / "r.yaml"))
+    with pytest.raises(OutputError, match=r"cannot write .*out: No space left on device; free space"):
+        build.run(r, str(data / "out"))
+    monkeypatch.setattr(storage, "atomic_open", real)
+    assert build.run(r, str(data / "out"))["kept"] == 1          # rerun resumes: the prepared source is reused

@@ -1,9 +1,10 @@
 """Build an instruction mix from a recipe: two stages, memory bounded.
 
-    prepare (per source)  stream the file; parse, normalise, validate, filter, check the
-                          image files (header verdicts in bulk, in parallel), tag by task
-                          (a source's `task`); write the valid candidates and the
-                          rejects to `_work/` in row groups
+    prepare (per source)  stream the file in one pass; parse, normalise, validate,
+                          filter, tag by task (a source's `task`); the image files'
+                          header checks run in threads LOOKAHEAD records ahead of the
+                          writer; write the valid candidates and the rejects (file
+                          order) to `_work/` in row groups
     assemble (once)       exact duplicates across the whole mix, then the seeded
                           count/fraction per source; stream the candidates into
                           mix.parquet and every drop into rejects.parquet; stats.json,
@@ -13,8 +14,9 @@ Every record keeps its own `id` (ids repeat in the real files: LLaVA-665K uses a
 image id as the record id in each of its VQA parts) and gets a unique `uid`,
 "<source name>:<row>". Duplicates are found by content, never by id.
 
-Memory: prepare holds one row group of records; assemble holds a few small columns of
-the candidates (id, uid, 16-byte digest, 8-byte sampling key), never the conversations.
+Memory: prepare holds one row group of records plus the lookahead; assemble holds a few
+small columns of the candidates (id, uid, 16-byte digest, 8-byte sampling key), never
+the conversations.
 Every input element ends up in exactly one of mix.parquet and rejects.parquet: per
 source, input = kept + rejected (checked before anything is written); every reject row
 names its file, row and uid, and carries the record's raw text.
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import gc
 import json
 import logging
@@ -48,7 +51,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import manifest, runkey, schemas, storage
-from pipelines.errors import InputError, WarrenError
+from pipelines.errors import InputError, OutputError, WarrenError
 from pipelines.mix import images as image_files
 from pipelines.mix import readers, tasks, validate
 from pipelines.mix.readers import Bad, Record
@@ -620,11 +623,35 @@ def restart(output: str) -> None:
             fs.rm(p, recursive=True)
 
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG}
+
+
+@contextlib.contextmanager
+def writing_to(output: str):
+    """Failures to write the output (a file where the folder should be, a full or
+    read-only disk) as one OutputError line instead of a traceback."""
+    try:
+        yield
+    except (FileExistsError, NotADirectoryError) as e:
+        raise OutputError(str(e.filename or output), "a file is in the way of the output folder") from None
+    except OSError as e:
+        inside = e.filename is not None and os.path.abspath(str(e.filename)).startswith(
+            os.path.abspath(str(output)))
+        if e.errno in _WRITE_ERRNOS or (inside and e.errno == errno.EACCES):
+            raise OutputError(str(e.filename or output), e.strerror or str(e)) from None
+        raise
+
+
 def run(recipe: Recipe, output: str, progress: bool = False, restart_run: bool = False) -> dict:
     """Build the mix described by `recipe` into the folder `output`; returns the stats
     (also in `<output>/stats.json`). A rerun reuses the sources whose inputs did not
     change; `restart_run` prepares every source again."""
     check_paths(recipe, output)
+    with writing_to(output):
+        return _run(recipe, output, progress, restart_run)
+
+
+def _run(recipe: Recipe, output: str, progress: bool, restart_run: bool) -> dict:
     storage.makedirs(output)
     if restart_run:
         restart(output)
