@@ -10,6 +10,13 @@ real command `python -m flows.cli mix --recipe <bunny-695k> --output ...` runs i
 fresh child; its peak RSS comes from wait4 (ru_maxrss of that child alone), so neither
 the generator's memory nor this script's counts. records/s = input records / wall time
 of the mix command (process start, imports and the image-root listing included).
+
+Baseline, measured in the same run: the same recipe with `check_images: false` (no
+image-root listing, fingerprint or header checks), so the ratio shows what checking
+every distinct image file costs. `--max-images` sets how many distinct files there are
+(the real LLaVA-665K references about 350K).
+
+    python bench/mix.py --sources DIR        # reuse sources generated before (--work ... --keep)
 """
 from __future__ import annotations
 
@@ -39,8 +46,19 @@ def generate(src: str, scale: float, words: int, max_images: int) -> dict:
     return {"paths": paths, "json_bytes": size}
 
 
-def run_mix(src: str, out: str, export: bool) -> dict:
-    cmd = [sys.executable, "-m", "flows.cli", "mix", "--recipe", os.path.join(src, "bunny-695k.yaml"),
+def no_image_checks(src: str) -> str:
+    """The bunny-695k recipe with `check_images: false` (the in-run baseline)."""
+    import yaml
+    doc = yaml.safe_load(open(os.path.join(src, "bunny-695k.yaml")))
+    doc["check_images"] = False
+    path = os.path.join(src, "bunny-695k-no-image-checks.yaml")
+    with open(path, "w") as f:
+        f.write("# python bench/mix.py (baseline: no image checks)\n" + yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def run_mix(src: str, out: str, export: bool, recipe: str | None = None) -> dict:
+    cmd = [sys.executable, "-m", "flows.cli", "mix", "--recipe", recipe or os.path.join(src, "bunny-695k.yaml"),
            "--output", out, "--quiet"]
     if export:
         cmd += ["--export-llava", os.path.join(out, "llava.json")]
@@ -51,7 +69,10 @@ def run_mix(src: str, out: str, export: bool) -> dict:
     if status != 0:
         raise SystemExit(f"mix failed: {' '.join(cmd)}")
     stats = json.load(open(os.path.join(out, "stats.json")))
+    images = stats.get("images") or {}
     return {"wall_s": round(wall, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 3),
+            "images_listed": images.get("listed", 0), "images_checked": images.get("checked", 0),
+            "image_check_s": images.get("check_seconds", 0.0),
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
             "input": stats["input"], "kept": stats["kept"], "rejected": stats["rejected"],
             "records_per_s": round(stats["input"] / wall),
@@ -67,22 +88,40 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="20K records")
     ap.add_argument("--export", action="store_true", help="also time --export-llava")
     ap.add_argument("--work", default=None, help="folder for sources and outputs (default: a temp dir)")
+    ap.add_argument("--sources", default=None, help="reuse the sources in this folder (skip generating them)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the run without image checks")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args(argv)
     records = 20_000 if args.quick else args.records
     work = args.work or tempfile.mkdtemp(prefix="warren-bench-mix-")
-    src, out = os.path.join(work, "src"), os.path.join(work, "out")
-    shutil.rmtree(out, ignore_errors=True)
+    src = args.sources or os.path.join(work, "src")
+    out, base_out = os.path.join(work, "out"), os.path.join(work, "out-no-image-checks")
+    for d in (out, base_out):
+        shutil.rmtree(d, ignore_errors=True)
     try:
-        gen = generate(src, records / BUNNY_695K, args.words, args.max_images)
+        if args.sources:
+            json_bytes = sum(os.path.getsize(os.path.join(src, n)) for n in
+                             ("SVIT_mix_665K.json", "WizardLM_evol_instruct_70k.json"))
+        else:
+            json_bytes = generate(src, records / BUNNY_695K, args.words, args.max_images)["json_bytes"]
         res = run_mix(src, out, args.export)
-        res["json_gb"] = round(gen["json_bytes"] / 1e9, 3)
+        res["json_gb"] = round(json_bytes / 1e9, 3)
         res["cores"] = os.cpu_count()
         print(f"warren mix (bunny-695k recipe): {res['input']:,} records in, {res['kept']:,} kept, "
               f"from {res['json_gb']} GB of JSON", file=sys.stderr)
         print(f"  {res['wall_s']} s wall, {res['records_per_s']:,} records/s, peak RSS "
-              f"{res['peak_rss_gb']} GB (target < 2 GB), mix.parquet {res['mix_parquet_mb']} MB",
+              f"{res['peak_rss_gb']} GB (target < 2 GB), mix.parquet {res['mix_parquet_mb']} MB; "
+              f"{res['images_checked']:,} distinct image files header-checked in {res['image_check_s']} s",
               file=sys.stderr)
+        if not args.no_baseline:
+            base = run_mix(src, base_out, False, no_image_checks(src))
+            res["baseline_no_image_checks"] = base
+            res["wall_ratio_vs_no_image_checks"] = round(res["wall_s"] / base["wall_s"], 3)
+            res["rss_ratio_vs_no_image_checks"] = round(res["peak_rss_gb"] / base["peak_rss_gb"], 3)
+            print(f"  baseline, same run, no image checks: {base['wall_s']} s wall, "
+                  f"{base['records_per_s']:,} records/s, peak RSS {base['peak_rss_gb']} GB -> image checks "
+                  f"x{res['wall_ratio_vs_no_image_checks']} wall, x{res['rss_ratio_vs_no_image_checks']} RSS",
+                  file=sys.stderr)
         print(json.dumps(res))
     finally:
         if not args.keep and not args.work:

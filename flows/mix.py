@@ -1,25 +1,35 @@
 """Prefect flows for the instruction mix: `mix` (recipe -> mix.parquet) and `stage1`
 (coreset -> stage-1 caption table).
 
-The flow only wires pipelines.mix steps: one task lists the image root, one `prepare`
-task per source (submitted together; each writes its own files under `_work/` and a
-completion marker, so a rerun skips finished sources), then `assemble` and the optional
-LLaVA export. Tasks return small dicts and paths, never records.
+The flow only wires pipelines.mix steps: one `prepare` task per source (submitted
+together; each writes its own files under `_work/` and a completion marker keyed by
+its inputs, so a rerun skips the sources whose inputs did not change), then `assemble`
+and the optional LLaVA export. The image root is listed and fingerprinted at most once
+per run and shared by the prepare tasks (they run in threads). Tasks return small dicts
+and paths, never records.
 
 Run it: `warren mix --recipe FILE --output DIR --prefect`, or from Python
 `from flows.mix import mix; mix(recipe_path=..., output=...)`.
 """
 from __future__ import annotations
 
+import logging
+
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
+from pipelines import storage
 from pipelines.mix import build, export, recipe as recipes, stage1 as stage1_step
 
+# Loggers that write one line per HTTP request to the Prefect API (httpx at INFO) or
+# per request served by the temporary server (uvicorn's access log).
+HTTP_LOGGERS = ("httpx", "httpcore", "uvicorn.access", "uvicorn.error", "prefect.server")
 
-@task(name="mix-image-index", cache_policy=NONE)
-def image_index(r: recipes.Recipe):
-    return build.image_index(r)
+
+def quiet_http_logs(verbose: bool = False) -> None:
+    """Keep Prefect's HTTP traffic off the console unless `verbose` (`warren -v`)."""
+    for name in HTTP_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 @task(name="mix-prepare", cache_policy=NONE)
@@ -28,8 +38,9 @@ def prepare(r: recipes.Recipe, source: recipes.Source, output: str, images) -> d
 
 
 @task(name="mix-assemble", cache_policy=NONE)
-def assemble(r: recipes.Recipe, output: str, prepared: dict[str, dict]) -> dict:
-    return build.assemble(r, output, prepared)
+def assemble(r: recipes.Recipe, output: str, prepared: dict[str, dict], inputs: dict,
+             image_stats: dict | None) -> dict:
+    return build.assemble(r, output, prepared, inputs=inputs, image_stats=image_stats)
 
 
 @task(name="mix-export-llava", cache_policy=NONE)
@@ -39,13 +50,23 @@ def export_llava(mix_path: str, out_path: str) -> int:
 
 @flow(name="mix")
 def mix(recipe_path: str, output: str, data_root: str | None = None, image_root: str | None = None,
-        export_llava_path: str | None = None) -> dict:
+        export_llava_path: str | None = None, restart: bool = False) -> dict:
     """Build the mix a recipe file describes into `output`; returns the stats."""
     r = recipes.load(recipe_path, data_root=data_root, image_root=image_root)
-    images = image_index(r)
-    futures = {s.name: prepare.submit(r, s, output, images) for s in r.sources}
-    prepared = {name: f.result() for name, f in futures.items()}
-    stats = assemble(r, output, prepared)
+    build.check_paths(r, output, export_llava_path)
+    with build.writing_to(output):
+        storage.makedirs(output)
+    if restart:
+        build.restart(output)
+    images = build.Images(r)                   # listed once, shared by the prepare tasks
+    try:
+        futures = {s.name: prepare.submit(r, s, output, images) for s in r.sources}
+        prepared = {name: f.result() for name, f in futures.items()}
+    finally:
+        images.close()
+    inputs = build.inputs_summary(r, images)
+    image_stats = images.stats()
+    stats = assemble(r, output, prepared, inputs, image_stats)
     if export_llava_path:
         stats["exported"] = export_llava(f"{output.rstrip('/')}/mix.parquet", export_llava_path)
     return stats

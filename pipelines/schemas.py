@@ -64,6 +64,11 @@ TRUTH = pa.schema([
 TURN = pa.struct([pa.field("from", pa.string()), pa.field("value", pa.string())])
 
 # The instruction mix (and the stage-1 caption table, which has the same shape).
+# `id` is the record's own id as the source file has it (not unique: LLaVA-665K reuses a
+# COCO image id across its VQA parts); `uid` is unique: "<source name>:<row>", the
+# element's 0-based index in its file. `system` holds a leading system turn (ShareGPT
+# style), null when there is none. uid and system are nullable only so that tables
+# written before they existed still cast; the mix and stage-1 builders always fill uid.
 MIX = pa.schema([
     pa.field("id", pa.string(), nullable=False),
     pa.field("source", pa.string(), nullable=False),
@@ -71,13 +76,19 @@ MIX = pa.schema([
     pa.field("conversations", pa.list_(TURN), nullable=False),
     pa.field("n_turns", pa.int32(), nullable=False),
     pa.field("has_image", pa.bool_(), nullable=False),
+    pa.field("uid", pa.string()),
+    pa.field("system", pa.string()),
 ])
 
+# Every dropped record: where it came from (file, 0-based row, uid) and its raw text.
 MIX_REJECTS = pa.schema([
     pa.field("id", pa.string()),
     pa.field("source", pa.string(), nullable=False),
     pa.field("reason", pa.string(), nullable=False),
     pa.field("record", pa.string()),
+    pa.field("uid", pa.string()),
+    pa.field("file", pa.string()),
+    pa.field("row", pa.int64()),
 ])
 
 # Downloaded images as Parquet bytes, keyed by uid (what the trainer reads for stage 1).

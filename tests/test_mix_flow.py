@@ -1,4 +1,5 @@
 """The Prefect flow `mix` wraps the same steps and gives the same mix as build.run."""
+import json
 import os
 
 import pytest
@@ -32,3 +33,23 @@ def test_mix_flow_matches_the_direct_build(tmp_path, monkeypatch):
     assert stats["sources"] == direct["sources"] and stats["exported"] == stats["kept"]
     a = open(tmp_path / "flow" / "mix.parquet", "rb").read()
     assert a == open(tmp_path / "direct" / "mix.parquet", "rb").read()
+
+
+@pytest.mark.slow
+def test_mix_prefect_does_not_log_every_http_request(tmp_path):
+    # `warren mix --prefect` used to print one httpx line per API call; they come back with -v
+    import subprocess
+    import sys
+    synth.write_sources(str(tmp_path / "src"), scale=0.0003, seed=2)
+    recipe_path = synth.write_recipe(str(tmp_path / "src"), "bunny-695k")
+    env = {**os.environ, "PYTHONPATH": ROOT, "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    p = subprocess.run([sys.executable, "-m", "flows.cli", "mix", "--recipe", recipe_path, "--output",
+                        str(tmp_path / "out"), "--prefect", "--quiet"], cwd=ROOT, capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert "HTTP Request" not in p.stderr and "Traceback" not in p.stderr
+    assert "Finished in state Completed()" in p.stderr          # Prefect's own run lines stay
+    c = synth.counts(0.0003)
+    assert json.loads(p.stdout.strip().splitlines()[-1])["kept"] == c["image"] + c["wizardlm"]

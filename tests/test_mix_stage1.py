@@ -88,3 +88,28 @@ def test_stage1_config_and_input_errors(tmp_path):
     storage.write_table(pa.table({"uid": ["a"]}), str(tmp_path / "coreset.parquet"))
     with pytest.raises(InputError, match="missing column 'caption'"):
         stage1.run(stage1.Stage1Config(), str(tmp_path / "coreset.parquet"), str(tmp_path / "o"))
+
+
+def test_stage1_rows_have_uids_and_rejects_name_their_row(tmp_path):
+    # u0001 (null caption) and u0004 (<image> in it) are rejects; a uid repeated with the
+    # same caption is a duplicate by content, with another caption it is kept
+    run = str(tmp_path / "select")
+    caps = ["A dog.", None, "A cat.", "A cat.", "Two <image> cats.", "A bird."]
+    core = write_coreset(run, caps)
+    t = pa.Table.from_pylist([{"uid": u, "caption": c} for u, c in
+                              [("u0000", "A dog."), ("u0001", None), ("u0002", "A cat."), ("u0002", "A cat."),
+                               ("u0004", "Two <image> cats."), ("u0002", "A kitten.")]])
+    storage.write_table(t, core)
+    stats = stage1.run(stage1.Stage1Config(), core, run)
+    out = pl.read_parquet(os.path.join(run, "stage1.parquet"))
+    rej = pl.read_parquet(os.path.join(run, "stage1_rejects.parquet"))
+    assert out["uid"].to_list() == ["coreset:0", "coreset:2", "coreset:5"]
+    assert out["id"].to_list() == ["u0000", "u0002", "u0002"] and out["system"].null_count() == 3
+    assert rej.select("uid", "row", "id").rows() == [("coreset:1", 1, "u0001"), ("coreset:3", 3, "u0002"),
+                                                     ("coreset:4", 4, "u0004")]
+    assert rej["reason"].to_list()[1] == "duplicate: same uid 'u0002' and caption as an earlier row"
+    assert set(rej["file"].to_list()) == {core}
+    assert [json.loads(r) for r in rej["record"].to_list()] == [
+        {"uid": "u0001", "caption": None}, {"uid": "u0002", "caption": "A cat."},
+        {"uid": "u0004", "caption": "Two <image> cats."}]
+    assert stats["input"] == 6 == out.height + rej.height

@@ -104,7 +104,7 @@ def test_conflicting_tag_and_duplicate_are_rejected_with_reasons(built):
     assert json.loads(rows["v-conflict"]["record"]) == VQA[2]           # raw text kept for inspection
     # dedup compares the text as read: the untagged copy in `plain` repeats v-shared,
     # which `vqa-src` tagged [vqa], and goes
-    assert rows["p-shared"]["reason"] == "duplicate: same conversations and image as v-shared"
+    assert rows["p-shared"]["reason"] == "duplicate: same image and conversations as vqa-src:4 (id v-shared)"
     assert stats["reasons"] == {"bad_task": 1, "duplicate": 1}
 
 

@@ -2,7 +2,8 @@
 
 By default the pipeline runs in this process (no Prefect server to start: fastest for a
 one-off build). `--prefect` runs the same steps through the Prefect flow `mix`
-(flows/mix.py), which records the run and its tasks in Prefect.
+(flows/mix.py), which records the run and its tasks in Prefect. The recipe and the
+output path are checked before Prefect starts, so a bad recipe is one line either way.
 """
 from __future__ import annotations
 
@@ -11,13 +12,17 @@ HELP = "build an instruction mix (e.g. Bunny-695K) from a recipe: mix.parquet, r
 
 def add_arguments(p) -> None:
     p.add_argument("--recipe", required=True, help="recipe YAML (see configs/mix/)")
-    p.add_argument("--output", required=True, help="output folder (reruns skip sources already prepared)")
+    p.add_argument("--output", required=True,
+                   help="output folder, apart from every input (a rerun reuses the sources whose "
+                        "file, settings and images did not change)")
     p.add_argument("--data-root", default=None,
                    help="folder the recipe's source paths and image_root resolve under "
                         "(default: the recipe's data_root, relative to the recipe file)")
     p.add_argument("--image-root", default=None, help="override the recipe's image_root")
     p.add_argument("--export-llava", default=None, metavar="FILE",
                    help="also write the mix as a LLaVA JSON list (.jsonl: JSON Lines)")
+    p.add_argument("--restart", action="store_true",
+                   help="forget the sources an earlier run prepared in --output and prepare them all again")
     p.add_argument("--prefect", action="store_true", help="run through the Prefect flow `mix`")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -26,14 +31,17 @@ def run(args) -> int:
     import json
     import sys
 
+    from pipelines.mix import build, export, recipe
+
+    r = recipe.load(args.recipe, data_root=args.data_root, image_root=args.image_root)
+    build.check_paths(r, args.output, args.export_llava)
     if args.prefect:
-        from flows.mix import mix
+        from flows.mix import mix, quiet_http_logs
+        quiet_http_logs(getattr(args, "verbose", False))
         stats = mix(recipe_path=args.recipe, output=args.output, data_root=args.data_root,
-                    image_root=args.image_root, export_llava_path=args.export_llava)
+                    image_root=args.image_root, export_llava_path=args.export_llava, restart=args.restart)
     else:
-        from pipelines.mix import build, export, recipe
-        r = recipe.load(args.recipe, data_root=args.data_root, image_root=args.image_root)
-        stats = build.run(r, args.output, progress=not args.quiet)
+        stats = build.run(r, args.output, progress=not args.quiet, restart_run=args.restart)
         if args.export_llava:
             stats["exported"] = export.to_llava(f"{args.output.rstrip('/')}/mix.parquet", args.export_llava)
     for name, s in stats["sources"].items():

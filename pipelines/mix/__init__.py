@@ -7,7 +7,9 @@
     tasks                                TinyGPT-V task identifiers and boxes (tags MIX records)
 (synthetic sources in the real formats: pipelines.synth.mix)
 
-Modules: readers (streamed JSON list / JSON Lines, format adapters), validate (per-record
-rules, image index, duplicate key), build (prepare per source, assemble). No Prefect here;
-flows/mix.py wires the steps.
+Modules: readers (streamed JSON list / JSON Lines, format adapters, the LLaVA/Bunny
+normalisation of turns and image paths), validate (per-record rules, duplicate and
+sampling keys), images (the image root listed once, header checks in parallel), build
+(prepare per source, keyed by its inputs; assemble). No Prefect here; flows/mix.py wires
+the steps.
 """

@@ -1,7 +1,9 @@
 """mix.parquet back to LLaVA JSON, for tools that read LLaVA's format.
 
 The output is what LLaVA's `LazySupervisedDataset` and Bunny's trainer read: a JSON
-list of {"id", "image" (image records only), "conversations": [{"from", "value"}]}.
+list of {"id", "image" (image records only), "conversations": [{"from", "value"}]},
+plus a top-level "system" string for records that have one (their trainers ignore the
+key; Warren's reader takes it back as the record's system prompt).
 A path ending in `.jsonl` gets JSON Lines instead. Written in a stream, one row group
 at a time, atomically.
 """
@@ -15,6 +17,7 @@ from pipelines import schemas, storage
 from pipelines.errors import InputError
 
 COLUMNS = ["id", "image", "conversations"]
+OPTIONAL = ["system"]
 
 
 def to_llava(mix_path: str, out_path: str, batch_rows: int = 16_384) -> int:
@@ -34,15 +37,19 @@ def to_llava(mix_path: str, out_path: str, batch_rows: int = 16_384) -> int:
                              f"{schemas.MIX.names})", path=mix_path)
         if not jsonl:
             out.write(b"[")
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=COLUMNS):
+        cols = COLUMNS + [c for c in OPTIONAL if c in pf.schema_arrow.names]
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
             ids = batch.column("id").to_pylist()
             images = batch.column("image").to_pylist()
             convs = batch.column("conversations").to_pylist()
+            systems = batch.column("system").to_pylist() if "system" in cols else [None] * len(ids)
             parts = []
-            for rid, image, conv in zip(ids, images, convs):
+            for rid, image, conv, system in zip(ids, images, convs, systems):
                 rec = {"id": rid}
                 if image is not None:
                     rec["image"] = image
+                if system is not None:
+                    rec["system"] = system
                 rec["conversations"] = conv
                 text = json.dumps(rec, ensure_ascii=False)
                 parts.append(text + "\n" if jsonl else ("\n" if n == 0 else ",\n") + text)

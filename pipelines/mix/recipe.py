@@ -9,9 +9,10 @@ relative to `data_root`. `load(..., data_root=DIR)` (CLI: `--data-root`) points 
 recipe at another folder, and `image_root=` (`--image-root`) overrides the image root.
 
 Order of decisions for each record (each drop lands in rejects with its reason):
-    parse -> validate (format, turns, <image>, image file, lengths) -> include/exclude
-    -> task identifier (a source's `task`) -> id unique -> exact duplicate (dedup: exact)
-    -> count / fraction (seeded)
+    parse and normalise -> validate (format, turns, <image>, image path, lengths)
+    -> include/exclude -> image file (present, header readable) -> task identifier (a
+    source's `task`) -> exact duplicate by content (dedup: exact) -> count / fraction
+    (seeded). Ids are never a reason: they repeat in the real files.
 """
 from __future__ import annotations
 
@@ -137,7 +138,7 @@ class Recipe:
     seed: int = 0
     dedup: Literal["exact", "none"] = "exact"
     image_root: str | None = None        # folder the `image` references resolve under
-    check_images: bool = True            # reject records whose image file is missing
+    check_images: bool = True            # reject records whose image file is missing or unreadable
     limits: Limits = Limits()
     path: str | None = None              # the recipe file, for reports
 

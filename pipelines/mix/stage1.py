@@ -3,6 +3,7 @@
 Each coreset row (uid, url, caption, ...) becomes one LLaVA/Bunny pretrain-style record:
 
     id = uid, source = "coreset", image = uid, has_image = true,
+    uid = "coreset:<row>" (the row in coreset.parquet), system = null,
     conversations = [{"from": "human", "value": "<image>\\n" + prompt},
                      {"from": "gpt",   "value": caption}]
 
@@ -10,8 +11,11 @@ Each coreset row (uid, url, caption, ...) becomes one LLaVA/Bunny pretrain-style
 the table (kind parquet / webdataset: looked up by uid), which is carried over from the
 coreset's manifest entry. The prompt is drawn per uid from short caption prompts with
 a seeded hash (same seed, same prompt for a uid, whatever the row order), or fixed with
-`prompt=`. Rows without a usable caption go to rejects with a reason; per run,
-input = kept + rejected.
+`prompt=`. Rows without a usable caption go to rejects with a reason (and the coreset
+file, row and the row's uid and caption as JSON); per run, input = kept + rejected. A uid
+repeated in the coreset (the curation never writes one) is not a reason by itself, as in
+the mix: a row that repeats an earlier row's uid and caption is a `duplicate`, one with
+another caption is kept under its own row uid.
 
 Outputs in `output_dir`: stage1.parquet, stage1_rejects.parquet, stage1_stats.json,
 and a "stage1" entry in the manifest (`cfg.manifest`, default `<output_dir>/manifest.json`;
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -126,7 +131,8 @@ def run(cfg: Stage1Config, coreset_path: str, output_dir: str) -> dict:
         if col not in names:
             raise InputError(f"missing column '{col}' (has: {names})", path=coreset_path, field=col)
     uids = pl.from_arrow(storage.read_table(coreset_path, columns=[cfg.uid_column])).to_series()
-    first = uids.is_first_distinct().to_numpy()
+    repeated = uids.is_duplicated().to_numpy()      # only these rows need the caption compared
+    seen: set[tuple[str, str]] = set()
     out_path = storage.join(output_dir, f"{cfg.table}.parquet")
     rej_path = storage.join(output_dir, f"{cfg.table}_rejects.parquet")
     reasons: dict[str, int] = {}
@@ -135,45 +141,62 @@ def run(cfg: Stage1Config, coreset_path: str, output_dir: str) -> dict:
     with fs.open(p, "rb") as f, storage.atomic_open(out_path) as fo, storage.atomic_open(rej_path) as fr:
         w = pq.ParquetWriter(fo, schemas.MIX, compression="zstd")
         wr = pq.ParquetWriter(fr, schemas.MIX_REJECTS, compression="zstd")
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=65_536,
-                                                     columns=[cfg.uid_column, cfg.caption_column]):
-            rows = {n: [] for n in schemas.MIX.names}
-            rej = {n: [] for n in schemas.MIX_REJECTS.names}
-            for uid, cap in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-                why = None
-                if uid is None or not str(uid).strip():
-                    why = "missing_field: no uid"
-                elif not first[n_in]:
-                    why = "duplicate_id: uid repeated in the coreset"
-                elif cap is None:
-                    why = "missing_caption: caption is null"
-                elif not isinstance(cap, str) or not cap.strip():
-                    why = "empty_caption: caption is empty"
-                elif "<image>" in cap:
-                    why = "image_tag_in_caption: caption contains <image>"
-                elif len(cap) > cfg.max_chars:
-                    why = f"too_long: {len(cap)} characters (limit {cfg.max_chars})"
-                n_in += 1
-                if why is not None:
-                    code = why.split(":", 1)[0]
-                    reasons[code] = reasons.get(code, 0) + 1
-                    rej["id"].append(None if uid is None else str(uid))
-                    rej["source"].append(SOURCE)
-                    rej["reason"].append(why)
-                    rej["record"].append(None if cap is None else str(cap)[:4000])
-                    continue
-                uid = str(uid)
-                rows["id"].append(uid)
-                rows["source"].append(SOURCE)
-                rows["image"].append(uid)
-                rows["conversations"].append([{"from": "human", "value": "<image>\n" + cfg.choose(uid)},
-                                              {"from": "gpt", "value": cap.strip()}])
-                rows["n_turns"].append(2)
-                rows["has_image"].append(True)
-            kept += len(rows["id"])
-            w.write_table(pa.Table.from_pydict(rows, schema=schemas.MIX))
-            if rej["id"]:
-                wr.write_table(pa.Table.from_pydict(rej, schema=schemas.MIX_REJECTS))
+        try:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=65_536,
+                                                         columns=[cfg.uid_column, cfg.caption_column]):
+                rows = {n: [] for n in schemas.MIX.names}
+                rej = {n: [] for n in schemas.MIX_REJECTS.names}
+                for uid, cap in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                    row, why = n_in, None
+                    n_in += 1
+                    if uid is None or not str(uid).strip():
+                        why = "missing_field: no uid"
+                    elif cap is None:
+                        why = "missing_caption: caption is null"
+                    elif not isinstance(cap, str) or not cap.strip():
+                        why = "empty_caption: caption is empty"
+                    elif "<image>" in cap:
+                        why = "image_tag_in_caption: caption contains <image>"
+                    elif len(cap) > cfg.max_chars:
+                        why = f"too_long: {len(cap)} characters (limit {cfg.max_chars})"
+                    elif repeated[row]:
+                        key = (str(uid), cap.strip())
+                        if key in seen:
+                            why = f"duplicate: same uid {str(uid)!r} and caption as an earlier row"
+                        seen.add(key)
+                    if why is not None:
+                        code = why.split(":", 1)[0]
+                        reasons[code] = reasons.get(code, 0) + 1
+                        rej["id"].append(None if uid is None else str(uid))
+                        rej["source"].append(SOURCE)
+                        rej["reason"].append(why)
+                        rej["record"].append(json.dumps({cfg.uid_column: uid, cfg.caption_column: cap},
+                                                        ensure_ascii=False, default=str)[:4000])
+                        rej["uid"].append(f"{SOURCE}:{row}")
+                        rej["file"].append(str(coreset_path))
+                        rej["row"].append(row)
+                        continue
+                    uid = str(uid)
+                    rows["id"].append(uid)
+                    rows["source"].append(SOURCE)
+                    rows["image"].append(uid)
+                    rows["conversations"].append([{"from": "human", "value": "<image>\n" + cfg.choose(uid)},
+                                                  {"from": "gpt", "value": cap.strip()}])
+                    rows["n_turns"].append(2)
+                    rows["has_image"].append(True)
+                    rows["uid"].append(f"{SOURCE}:{row}")
+                    rows["system"].append(None)
+                kept += len(rows["id"])
+                w.write_table(pa.Table.from_pydict(rows, schema=schemas.MIX))
+                if rej["id"]:
+                    wr.write_table(pa.Table.from_pydict(rej, schema=schemas.MIX_REJECTS))
+        except BaseException:
+            for writer in (w, wr):   # close while the file is open (no finaliser tracebacks)
+                try:
+                    writer.close()
+                except Exception:  # noqa: BLE001 — the file is being discarded anyway
+                    pass
+            raise
         w.close()
         wr.close()
     if n_in != kept + sum(reasons.values()):  # pragma: no cover — accounting bug
