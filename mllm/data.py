@@ -288,7 +288,10 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.processor = processor
         self.max_length = max_length
         self.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-        table = storage.read_table(table_path, schema=schemas.MIX)
+        # The columns training needs; `uid` and `system` (added to MIX later) are optional,
+        # so tables written before them still train.
+        table = storage.read_table(table_path, columns=["id", "image", "conversations", "has_image"],
+                                   schema=schemas.MIX)
         self.ids = table.column("id").to_pylist()
         self.image_refs = table.column("image").to_pylist()
         self.conversations = table.column("conversations").to_pylist()

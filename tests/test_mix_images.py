@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
+from pipelines import runkey
 from pipelines.mix import build, images, recipe
 
 
@@ -140,7 +141,7 @@ def marker(out, name):
     return json.load(open(os.path.join(out, "_completions", f"prepare-{name}.json")))
 
 
-def test_a_changed_image_root_redoes_only_the_sources_that_use_images(data, caplog):
+def test_a_changed_image_root_is_refused_until_restart(data):
     tmp, r = data
     out = str(tmp / "out")
     build.run(r, out)
@@ -149,38 +150,55 @@ def test_a_changed_image_root_redoes_only_the_sources_that_use_images(data, capl
     wiz = marker(out, "w")
     assert marker(out, "l")["uses_images"] and not wiz["uses_images"]
 
-    caplog.set_level(logging.INFO, logger="pipelines.mix.build")
-    (tmp / "images" / "c.jpg").write_bytes(encoded("JPEG"))         # added: now kept
-    build.run(r, out)
+    (tmp / "images" / "c.jpg").write_bytes(encoded("JPEG"))         # added: would now be kept
+    with pytest.raises(runkey.StaleRunError, match=r"source l: images: .*added c\.jpg.*--restart"):
+        build.run(r, out)
+    assert outcome(out)["l:2"] == "image_not_found"                 # nothing stale was written
+    build.run(r, out, restart_run=True)
     assert outcome(out)["l:2"] == "kept"
-    assert "l: images: " in caplog.text and "added c.jpg" in caplog.text
-    assert marker(out, "w") == wiz                                  # text-only: reused as it was
 
-    caplog.clear()
     os.remove(tmp / "images" / "a.jpg")                             # removed: now a reject
     (tmp / "images" / "b.jpg").write_bytes(b"")                     # emptied under the same name
-    build.run(r, out)
+    with pytest.raises(runkey.StaleRunError, match=r"removed a\.jpg.*changed b\.jpg"):
+        build.run(r, out)
+    build.run(r, out, restart_run=True)
     got = outcome(out)
     assert (got["l:0"], got["l:1"], got["l:2"]) == ("image_not_found", "image_unreadable", "kept")
-    assert "removed a.jpg" in caplog.text and "changed b.jpg" in caplog.text
-    assert marker(out, "w") == wiz
 
 
-def test_a_changed_source_file_or_setting_is_prepared_again(data, caplog):
+def test_prepare_redoes_only_a_stale_source(data, caplog):
+    # The flow's per-source tasks never reuse a stale prepared source either; a source
+    # without images does not depend on the image root.
     tmp, r = data
     out = str(tmp / "out")
     build.run(r, out)
+    wiz = marker(out, "w")
     caplog.set_level(logging.INFO, logger="pipelines.mix.build")
+    (tmp / "images" / "c.jpg").write_bytes(encoded("JPEG"))
+    images = build.Images(r)
+    try:
+        for source in r.sources:
+            build.prepare(r, source, out, images=images)
+    finally:
+        images.close()
+    assert "l: images: " in caplog.text and "added c.jpg" in caplog.text
+    assert marker(out, "w") == wiz
+
+
+def test_a_changed_source_file_or_setting_is_refused(data):
+    tmp, r = data
+    out = str(tmp / "out")
+    build.run(r, out)
     items = json.loads((tmp / "wiz.json").read_text())[:3]
     (tmp / "wiz.json").write_text(json.dumps(items))
-    stats = build.run(r, out)
-    assert stats["sources"]["w"]["input"] == 3 and "w: " in caplog.text and "wiz.json" in caplog.text
-    caplog.clear()
+    with pytest.raises(runkey.StaleRunError, match=r"source w: .*wiz\.json"):
+        build.run(r, out)
+    assert build.run(r, out, restart_run=True)["sources"]["w"]["input"] == 3
     r2 = recipe.from_dict({"name": "t", "image_root": "images", "limits": {"max_chars": 100}, "sources": [
         {"name": "l", "path": "llava.json"}, {"name": "w", "path": "wiz.json", "format": "wizardlm"}]},
         data_root=str(tmp))
-    build.run(r2, out)
-    assert "its settings changed (limits)" in caplog.text
+    with pytest.raises(runkey.StaleRunError, match=r"its settings changed \(limits\)"):
+        build.run(r2, out)
 
 
 def test_restart_prepares_every_source_again(data):

@@ -13,8 +13,8 @@ HELP = "build an instruction mix (e.g. Bunny-695K) from a recipe: mix.parquet, r
 def add_arguments(p) -> None:
     p.add_argument("--recipe", required=True, help="recipe YAML (see configs/mix/)")
     p.add_argument("--output", required=True,
-                   help="output folder, apart from every input (a rerun reuses the sources whose "
-                        "file, settings and images did not change)")
+                   help="output folder, apart from every input (a rerun resumes only when the "
+                        "sources, their settings and the image root are unchanged)")
     p.add_argument("--data-root", default=None,
                    help="folder the recipe's source paths and image_root resolve under "
                         "(default: the recipe's data_root, relative to the recipe file)")
@@ -22,7 +22,7 @@ def add_arguments(p) -> None:
     p.add_argument("--export-llava", default=None, metavar="FILE",
                    help="also write the mix as a LLaVA JSON list (.jsonl: JSON Lines)")
     p.add_argument("--restart", action="store_true",
-                   help="forget the sources an earlier run prepared in --output and prepare them all again")
+                   help="start over: forget what an earlier run prepared in --output (needed when an input changed)")
     p.add_argument("--prefect", action="store_true", help="run through the Prefect flow `mix`")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -35,11 +35,20 @@ def run(args) -> int:
 
     r = recipe.load(args.recipe, data_root=args.data_root, image_root=args.image_root)
     build.check_paths(r, args.output, args.export_llava)
+    if not args.restart:
+        build.check_unchanged(r, args.output)     # a changed input is one line, before any work
     if args.prefect:
-        from flows.mix import mix, quiet_http_logs
-        quiet_http_logs(getattr(args, "verbose", False))
-        stats = mix(recipe_path=args.recipe, output=args.output, data_root=args.data_root,
-                    image_root=args.image_root, export_llava_path=args.export_llava, restart=args.restart)
+        from flows import apiserver, console
+        verbose = getattr(args, "verbose", False)
+        # Warren's own API server (a child that dies with this process), not Prefect's
+        # temporary one, which would outlive a killed run.
+        with apiserver.api():
+            from flows.mix import mix, quiet_http_logs
+            quiet_http_logs(verbose)
+            console.quiet_prefect(verbose)
+            stats = mix(recipe_path=args.recipe, output=args.output, data_root=args.data_root,
+                        image_root=args.image_root, export_llava_path=args.export_llava,
+                        restart=args.restart)
     else:
         stats = build.run(r, args.output, progress=not args.quiet, restart_run=args.restart)
         if args.export_llava:

@@ -24,11 +24,12 @@ names its file, row and uid, and carries the record's raw text.
 Runs are keyed by their input. Each prepared source records what it was made from: its
 settings, its file (size, mtime: `pipelines.runkey`), and — when any of its records
 reached the image checks — the image root's fingerprint (every file's name, size and
-mtime). A rerun into the same folder reuses a prepared source only when all of these
-are unchanged; otherwise it prepares that source again and says why in one log line
-(e.g. "images: removed coco/x.jpg"). Sources without images do not depend on the image
-root. Assemble always runs, so mix.parquet always follows the current inputs. All files
-are written atomically.
+mtime). A rerun into the same folder resumes only when all of these are unchanged;
+otherwise `run` refuses in one line naming the change (e.g. "source llava: images:
+removed coco/x.jpg") and `restart_run` (`--restart`) starts over. Sources without
+images do not depend on the image root. Assemble always runs, so mix.parquet always
+follows the current inputs. All files are written atomically. (`prepare` itself still
+re-prepares a stale source it is handed, so the Prefect flow's tasks are safe alone.)
 """
 from __future__ import annotations
 
@@ -642,11 +643,35 @@ def writing_to(output: str):
         raise
 
 
+def check_unchanged(recipe: Recipe, output: str) -> None:
+    """Refuse, in one line naming what changed, to resume a run in `output` whose
+    prepared sources were made from other inputs (source files, settings, the image root's
+    listing). `--restart` starts over."""
+    if not storage.exists(storage.join(output, storage.COMPLETIONS)):
+        return
+    images = Images(recipe)
+    try:
+        for s in recipe.sources:
+            marker = f"prepare-{s.name}"
+            if not storage.is_done(output, marker):
+                continue
+            why = _stale(storage.done_info(output, marker), recipe, s, images)
+            if why is not None:
+                raise runkey.StaleRunError(
+                    f"{output} holds a mix prepared from other inputs (source {s.name}: {why}); "
+                    "pass --restart to start over, or choose another output folder")
+    finally:
+        images.close()
+
+
 def run(recipe: Recipe, output: str, progress: bool = False, restart_run: bool = False) -> dict:
     """Build the mix described by `recipe` into the folder `output`; returns the stats
-    (also in `<output>/stats.json`). A rerun reuses the sources whose inputs did not
-    change; `restart_run` prepares every source again."""
+    (also in `<output>/stats.json`). A rerun resumes (finished sources are reused) only
+    when every input is unchanged, else it raises StaleRunError naming the change;
+    `restart_run` starts over."""
     check_paths(recipe, output)
+    if not restart_run:
+        check_unchanged(recipe, output)
     with writing_to(output):
         return _run(recipe, output, progress, restart_run)
 
