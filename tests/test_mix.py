@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mllm.templates import check_conversation
-from pipelines import manifest, schemas
+from pipelines import manifest, runkey, schemas
 from pipelines.errors import ConfigError, InputError
 from pipelines.mix import build, export, readers, recipe
 from pipelines.synth import mix as synth
@@ -523,12 +523,16 @@ def test_recipe_problems_are_collected_and_unknown_keys_named():
             {"name": "a", "path": "a.json", "format": "alpaca", "count": 3, "fraction": 0.5, "colour": 1},
             {"name": "a", "path": "b.json", "exclude": [{"idd": "x"}, {"id": "("}]}]})
     msg = str(e.value)
-    for part in ("unknown key 'sead'", "unknown key 'colour'", "format must be one of",
-                 "count or fraction, not both", "unknown key 'idd'", "not a valid regular expression"):
+    # every problem, named by its field (pipelines.config, shared with curate and train)
+    for part in ("sead: unknown key", "sources[0].colour: unknown key", "sources[0].format: 'alpaca' is not one of",
+                 "sources[1].exclude[0].idd: unknown key", "sources[1].exclude[1]: id pattern '(' is not a valid "
+                 "regular expression", "dedup: 'fuzzy' is not one of ['exact', 'none']"):
         assert part in msg, part
+    with pytest.raises(ConfigError, match=r"sources\[0\]: source a: give count or fraction, not both"):
+        recipe.from_dict({"name": "x", "sources": [{"name": "a", "path": "a", "count": 3, "fraction": 0.5}]})
     with pytest.raises(ConfigError, match="unique"):
         recipe.from_dict({"name": "x", "sources": [{"name": "a", "path": "a"}, {"name": "a", "path": "b"}]})
-    with pytest.raises(ConfigError, match="dedup must be"):
+    with pytest.raises(ConfigError, match="dedup: 'fuzzy' is not one of"):
         recipe.from_dict({"name": "x", "dedup": "fuzzy", "sources": [{"name": "a", "path": "a"}]})
 
 
@@ -602,7 +606,7 @@ def test_fields_rule_and_byte_order_mark(tmp_path):
         assert rej["reason"].to_list() == ["excluded: source='sharegpt'"] * 4 and stats["kept"] == 8
 
 
-def test_changing_the_seed_redoes_the_prepared_sources(tmp_path):
+def test_changing_the_seed_is_refused_then_redone_with_restart(tmp_path):
     items = [{"id": f"r{i}", "conversations": [{"from": "human", "value": f"Q{i}"}, {"from": "gpt", "value": "A"}]}
              for i in range(40)]
     (tmp_path / "s.json").write_text(json.dumps(items))
@@ -610,7 +614,10 @@ def test_changing_the_seed_redoes_the_prepared_sources(tmp_path):
     for seed in (0, 1, 0):
         r = recipe.from_dict({"name": "t", "seed": seed, "sources": [
             {"name": "s", "path": str(tmp_path / "s.json"), "count": 10}]})
-        build.run(r, str(tmp_path / "out"))                 # the same folder each time
+        if picks:                                           # the same folder each time
+            with pytest.raises(runkey.StaleRunError, match=r"source s: its settings changed \(seed\)"):
+                build.run(r, str(tmp_path / "out"))
+        build.run(r, str(tmp_path / "out"), restart_run=bool(picks))
         picks.append(set(tables(str(tmp_path / "out"))[0]["id"].to_list()))
     assert picks[0] == picks[2] != picks[1] and all(len(p) == 10 for p in picks)
 

@@ -5,6 +5,7 @@ import os
 import polars as pl
 import pytest
 
+from pipelines import runkey
 from pipelines.mix import tasks
 from pipelines.errors import ConfigError
 from pipelines.mix import build, recipe
@@ -73,8 +74,8 @@ def doc(d, **over):
     return {"name": "tasks", "seed": 0, "dedup": "exact", "sources": sources}
 
 
-def build_into(d, out, **over):
-    stats = build.run(recipe.from_dict(doc(d, **over)), str(out))
+def build_into(d, out, restart=False, **over):
+    stats = build.run(recipe.from_dict(doc(d, **over)), str(out), restart_run=restart)
     return stats, pl.read_parquet(out / "mix.parquet"), pl.read_parquet(out / "rejects.parquet")
 
 
@@ -135,15 +136,18 @@ def test_reruns_are_deterministic_and_a_changed_task_retags(built, tmp_path):
     assert (out / "mix.parquet").read_bytes() == before
     _, fresh, _ = build_into(d, tmp_path / "fresh")                      # from scratch: same bytes
     assert (tmp_path / "fresh" / "mix.parquet").read_bytes() == before
-    # the task is part of the prepared source's fingerprint: changing it retags on rerun
-    s2, mix2, rej2 = build_into(d, out, **{"vqa-src": {"task": "caption"}, "plain": {"task": "auto"}})
+    # the task is part of the prepared source's fingerprint: changing it is refused on a
+    # plain rerun (the folder holds the other task's mix) and retags with --restart
+    with pytest.raises(runkey.StaleRunError, match=r"its settings changed"):
+        build_into(d, out, **{"vqa-src": {"task": "caption"}, "plain": {"task": "auto"}})
+    s2, mix2, rej2 = build_into(d, out, restart=True, **{"vqa-src": {"task": "caption"}, "plain": {"task": "auto"}})
     first = {r["id"]: r["conversations"][0]["value"] for r in mix2.iter_rows(named=True)}
     assert first["v-plain"] == "<image>\n[caption] What colour is the bus?"
     assert first["p-plain"] == "<image>\n[vqa] What colour is the bus?"
     assert set(rej2["id"].to_list()) == {"v-tagged", "v-conflict", "p-shared"}
     assert s2["sources"]["plain"]["tasks"] == {"none": 1, "refer": 1, "vqa": 1}
     # and back: the original mix again
-    build_into(d, out)
+    build_into(d, out, restart=True)
     assert (out / "mix.parquet").read_bytes() == before
 
 
@@ -175,7 +179,7 @@ def test_recipe_task_is_validated_with_the_known_tasks():
     msg = str(e.value)
     assert "source a: task must be auto, null or one of the known tasks " \
            "vqa, caption, refer, grounding, identify, detection (got 'ocr')" in msg
-    assert "source b: task must be" in msg                               # both problems, one error
+    assert "sources[1].task: expected a string or null, got ['vqa']" in msg   # both problems, one error
     for t in (None, "auto") + tasks.TASKS:
         assert recipe.from_dict({"name": "t", "sources": [{"name": "a", "path": "a", "task": t}]}).sources[0].task == t
 

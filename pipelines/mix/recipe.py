@@ -17,15 +17,15 @@ Order of decisions for each record (each drop lands in rejects with its reason):
 from __future__ import annotations
 
 import dataclasses
+import copy
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import yaml
-
+from pipelines import config
 from pipelines.mix import tasks
-from pipelines.errors import ConfigError, InputError
+from pipelines.errors import ConfigError
 from pipelines.mix.readers import FORMATS, Format
 
 
@@ -162,12 +162,9 @@ class Recipe:
 
 
 # ------------------------------------------------------------------------ loading
-
-_RULE_KEYS = {f.name for f in dataclasses.fields(Rule)}
-_SOURCE_KEYS = {f.name for f in dataclasses.fields(Source)}
-_LIMIT_KEYS = {f.name for f in dataclasses.fields(Limits)}
-_RECIPE_KEYS = ({f.name for f in dataclasses.fields(Recipe)} - {"path"}) | {"data_root"}
-
+# One configuration mechanism for curate, mix and train (pipelines.config): every value
+# checked against its field's type, unknown keys named, each group's own checks run,
+# all problems collected under dotted names (`sources[0].count: ...`).
 
 def _resolve(base: str, p: str) -> str:
     return p if "://" in p or os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
@@ -177,100 +174,27 @@ def from_dict(doc: dict, *, base: str = ".", data_root: str | None = None,
               image_root: str | None = None, path: str | None = None) -> Recipe:
     """Build a Recipe from a parsed YAML mapping. Relative `data_root` resolves against
     `base` (the recipe's folder); source paths and image_root against the data root."""
-    problems: list[str] = []
     if not isinstance(doc, dict):
         raise ConfigError("a recipe must be a mapping", source=path)
-    for k in sorted(set(doc) - _RECIPE_KEYS):
-        problems.append(f"unknown key '{k}' (known: {', '.join(sorted(_RECIPE_KEYS))})")
-    root = data_root if data_root is not None else _resolve(base, str(doc.get("data_root", ".")))
-
-    def rules(where: str, items) -> tuple[Rule, ...]:
-        if items is None:
-            return ()
-        if not isinstance(items, list):
-            problems.append(f"{where} must be a list of rules")
-            return ()
-        out = []
-        for i, r in enumerate(items):
-            if not isinstance(r, dict):
-                problems.append(f"{where}[{i}] must be a mapping")
-                continue
-            for k in sorted(set(r) - _RULE_KEYS):
-                problems.append(f"{where}[{i}]: unknown key '{k}' (known: {', '.join(sorted(_RULE_KEYS))})")
-            try:
-                out.append(Rule(**{k: v for k, v in r.items() if k in _RULE_KEYS}))
-            except ConfigError as e:
-                problems.extend(f"{where}[{i}]: {q}" for q in e.problems)
-        return tuple(out)
-
-    sources = []
-    raw_sources = doc.get("sources")
-    if not isinstance(raw_sources, list):
-        problems.append("sources must be a list")
-        raw_sources = []
-    for i, s in enumerate(raw_sources):
-        if not isinstance(s, dict):
-            problems.append(f"sources[{i}] must be a mapping")
-            continue
-        where = f"sources[{i}] ({s.get('name', '?')})"
-        for k in sorted(set(s) - _SOURCE_KEYS):
-            problems.append(f"{where}: unknown key '{k}' (known: {', '.join(sorted(_SOURCE_KEYS))})")
-        for k in ("name", "path"):
-            if not isinstance(s.get(k), str):
-                problems.append(f"{where}: '{k}' is required (a string)")
-        kw = {k: v for k, v in s.items() if k in _SOURCE_KEYS}
-        kw["include"] = rules(f"{where}.include", s.get("include"))
-        kw["exclude"] = rules(f"{where}.exclude", s.get("exclude"))
-        if isinstance(kw.get("path"), str):
-            kw["path"] = _resolve(root, kw["path"])
-        if not isinstance(s.get("name"), str) or not isinstance(s.get("path"), str):
-            continue
-        try:
-            sources.append(Source(**kw))
-        except ConfigError as e:
-            problems.extend(e.problems)
-        except TypeError as e:
-            problems.append(f"{where}: {e}")
-
-    limits = Limits()
-    if doc.get("limits") is not None:
-        lim = doc["limits"]
-        if not isinstance(lim, dict):
-            problems.append("limits must be a mapping")
-        else:
-            for k in sorted(set(lim) - _LIMIT_KEYS):
-                problems.append(f"limits: unknown key '{k}' (known: {', '.join(sorted(_LIMIT_KEYS))})")
-            try:
-                limits = Limits(**{k: v for k, v in lim.items() if k in _LIMIT_KEYS})
-            except ConfigError as e:
-                problems.extend(e.problems)
-
-    img = image_root if image_root is not None else doc.get("image_root")
-    if img is not None and not isinstance(img, str):
-        problems.append("image_root must be a path or null")
-        img = None
-    if img is not None and image_root is None:
-        img = _resolve(root, img)
-    if not isinstance(doc.get("name"), str):
-        problems.append("name is required (a string)")
-    if problems:
-        raise ConfigError(problems, source=path)
-    try:
-        return Recipe(name=doc["name"], sources=tuple(sources), seed=doc.get("seed", 0),
-                      dedup=doc.get("dedup", "exact"), image_root=img,
-                      check_images=doc.get("check_images", True), limits=limits, path=path)
-    except ConfigError as e:
-        raise ConfigError(e.problems, source=path) from None
+    doc = copy.deepcopy(doc)
+    if "path" in doc:           # set from the file name, never by the recipe itself
+        raise ConfigError("path: unknown key (the recipe's own path is where it was read from)",
+                          source=path)
+    root_value = doc.pop("data_root", ".")
+    root = data_root if data_root is not None else _resolve(base, str(root_value))
+    for s in doc.get("sources") or []:
+        if isinstance(s, dict) and isinstance(s.get("path"), str):
+            s["path"] = _resolve(root, s["path"])
+    if image_root is not None:
+        doc["image_root"] = image_root
+    elif isinstance(doc.get("image_root"), str):
+        doc["image_root"] = _resolve(root, doc["image_root"])
+    doc["path"] = path
+    return config.build(Recipe, doc, source=path)
 
 
 def load(path: str, *, data_root: str | None = None, image_root: str | None = None) -> Recipe:
     """Read a recipe YAML file (see the module docstring for how paths resolve)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise InputError("recipe not found", path=path) from None
-    except yaml.YAMLError as e:
-        raise InputError(f"not valid YAML ({e})", path=path) from None
+    doc = config.load_yaml(path, what="recipe")
     return from_dict(doc, base=os.path.dirname(os.path.abspath(path)), data_root=data_root,
                      image_root=image_root, path=str(path))
