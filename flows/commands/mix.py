@@ -10,6 +10,13 @@ from __future__ import annotations
 HELP = "build an instruction mix (e.g. Bunny-695K) from a recipe: mix.parquet, rejects, stats, manifest"
 
 
+def EPILOG() -> str:  # noqa: N802 — the CLI's name for a lazily built epilog
+    from pipelines import config
+    from pipelines.mix.recipe import Recipe
+    return config.help_text(Recipe, "recipe keys (YAML; `sources` is a list of the sources.* groups):",
+                            skip=("path",))
+
+
 def add_arguments(p) -> None:
     p.add_argument("--recipe", required=True, help="recipe YAML (see configs/mix/)")
     p.add_argument("--output", required=True,
