@@ -81,16 +81,22 @@ def _source(out_dir: str, n: int, log) -> str:
 
 
 def _curate(out_dir: str, source: str, sets: list[str], log) -> dict:
-    from flows import curate
-
     run = storage.join(out_dir, "curate")
     if os.path.isdir(run):
         shutil.rmtree(run)
     log(MODEL_NOTE)
+    return curate_pool(source, run, CONFIG, sets, log)
+
+
+def curate_pool(source: str, run: str, config: str, sets: list[str], log) -> dict:
+    """Serve the generated pool on 127.0.0.1 and curate it from URLs into `run` (the
+    pipeline and ablation flows call this too)."""
+    from flows import curate
+
     with demo_pool.serve(source) as base:
         meta = demo_pool.write_metadata(source, base)
         log(f"serving the pool at {base}; curating into {run}")
-        cfg = curate.load_config(CONFIG, [f"source.path={meta}"] + sets, output=run)
+        cfg = curate.load_config(config, [f"source.path={meta}"] + list(sets), output=run)
         return curate.run_local(cfg)
 
 
@@ -136,27 +142,51 @@ def _check(source: str, run: str, log) -> dict:
 def _mix(out_dir: str, summary: dict, log) -> dict:
     """stage1/ from the coreset, mix/ from the Bunny-695K recipe, and one manifest
     (<out_dir>/manifest.json) that lists both with their images."""
-    from pipelines import manifest
-    from pipelines.mix import build, recipe, stage1
-    from pipelines.synth import mix as synth
-
     man = storage.join(out_dir, "manifest.json")
-    for old in (man, storage.join(out_dir, "stage1"), storage.join(out_dir, "mix")):
+    for old in (man, storage.join(out_dir, "stage1"), storage.join(out_dir, "mix"),
+                storage.join(out_dir, "mix-source")):
         if os.path.isdir(old):
             shutil.rmtree(old)
         elif os.path.exists(old):
             os.remove(old)
-    s1 = stage1.run(stage1.Stage1Config(manifest=man), summary["paths"]["coreset"],
-                    storage.join(out_dir, "stage1"))
+    s1 = stage1_table(summary["paths"]["coreset"], storage.join(out_dir, "stage1"), man, log)
+    # Bunny-695K at 1/500 scale: 1,250 image records, 80 ShareGPT, 140 WizardLM.
+    recipe_path = synthetic_sources(storage.join(out_dir, "mix-source"))
+    mix_dir = storage.join(out_dir, "mix")
+    stats = build_mix(recipe_path, mix_dir, man, log)
+    return {"stage1": s1, "mix": stats, "manifest": man,
+            "paths": {"stage1": storage.join(out_dir, "stage1", "stage1.parquet"),
+                      "mix": stats["table"], "mix_rejects": storage.join(mix_dir, "rejects.parquet"),
+                      "manifest": man}}
+
+
+def stage1_table(coreset: str, out: str, manifest_path: str, log) -> dict:
+    """The coreset's captions as the stage-1 table, added to `manifest_path`."""
+    from pipelines.mix import stage1
+
+    s1 = stage1.run(stage1.Stage1Config(manifest=manifest_path), coreset, out)
     log(f"stage-1 table: {s1['kept']:,} caption records from the coreset "
         f"({s1['rejected']:,} rejected)")
-    # Bunny-695K at 1/500 scale: 1,250 image records, 80 ShareGPT, 140 WizardLM.
-    src = storage.join(out_dir, "mix-source")
-    if os.path.isdir(src):
-        shutil.rmtree(src)
-    synth.write_sources(src, scale=0.002, max_images=64)
-    r = recipe.load(synth.write_recipe(src, "bunny-695k"))
-    mix_dir = storage.join(out_dir, "mix")
+    return s1
+
+
+def synthetic_sources(src: str, scale: float = 0.002, max_images: int = 64,
+                      recipe: str = "bunny-695k") -> str:
+    """Scaled-down synthetic instruction sources in the real formats; returns the path
+    of the recipe file pointing at them."""
+    from pipelines.synth import mix as synth
+
+    synth.write_sources(src, scale=scale, max_images=max_images)
+    return synth.write_recipe(src, recipe)
+
+
+def build_mix(recipe_path: str, mix_dir: str, manifest_path: str, log) -> dict:
+    """Build the mix of a recipe file into `mix_dir` and add it to `manifest_path` as
+    table "mix"; returns the mix stats plus "table" (the mix.parquet path)."""
+    from pipelines import manifest
+    from pipelines.mix import build, recipe, stage1
+
+    r = recipe.load(recipe_path)
     stats = build.run(r, mix_dir)
     for name, st in stats["sources"].items():
         reasons = ", ".join(f"{k} {v:,}" for k, v in st["reasons"].items()) or "none"
@@ -164,12 +194,9 @@ def _mix(out_dir: str, summary: dict, log) -> dict:
     log(f"mix (recipe {r.name}): {stats['kept']:,} records, text-only share "
         f"{stats['text_only_share']:.1%}")
     built = manifest.load(storage.join(mix_dir, "manifest.json"))
-    stage1.add_to_manifest(man, "mix", built.table_path("mix"), built.images("mix"),
+    stage1.add_to_manifest(manifest_path, "mix", built.table_path("mix"), built.images("mix"),
                            config={"recipe": r.to_dict()})
-    return {"stage1": s1, "mix": stats, "manifest": man,
-            "paths": {"stage1": storage.join(out_dir, "stage1", "stage1.parquet"),
-                      "mix": built.table_path("mix"), "mix_rejects": storage.join(mix_dir, "rejects.parquet"),
-                      "manifest": man}}
+    return {**stats, "table": built.table_path("mix")}
 
 
 def _train(out_dir: str, manifest_path: str, summary: dict, steps: int, log) -> dict:
