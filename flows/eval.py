@@ -77,3 +77,9 @@ def eval_flow(model: str, benchmarks: list[str] | str, data: str, output: str,
                  f", {head['key']} {head['value']:.4g}" if head else "")
     publish(res, names)
     return res
+
+
+def deployment():
+    """`eval/eval` for `warren serve`: every parameter is given at run time."""
+    return eval_flow.to_deployment(name="eval", tags=["warren", "eval"],
+                                   description="answer and score benchmarks with an exported model")

@@ -368,6 +368,7 @@ def deployments(config_dir: str = CONFIGS) -> list:
         path = os.path.abspath(f)
         with open(path, encoding="utf-8") as fh:
             first = fh.readline().lstrip("# ").strip()
+        load_config(path)  # a broken config fails here, not at run time
         out.append(pipeline.to_deployment(name=deployment_name(path), parameters={"config": path},
                                           description=f"{os.path.basename(path)}: {first}",
                                           tags=["warren", "pipeline"]))
