@@ -202,12 +202,14 @@ def headline(bench, scores: dict) -> tuple[str, float] | None:
 def evaluate(model: str, benchmarks: str | Sequence[str], data: str, output: str,
              batch_size: int = 16, workers: int = 2, limit: int | None = None,
              device: str = "auto", progress: bool = True, *, dtype: str | None = None,
-             restart: bool = False, update_lineage: bool = True, loaded=None) -> dict:
+             restart: bool = False, update_lineage: bool = True, template: str | None = None,
+             loaded=None) -> dict:
     """Answer and score each benchmark; returns what results.json holds.
 
     `limit` asks only the first N questions of each benchmark (quick runs; the scores
     are then of those N). `dtype` overrides the model's saved dtype (e.g. bfloat16 on a
-    GPU). `loaded` reuses a model already loaded from `model`."""
+    GPU). `template` names the conversation template of a llava-hf folder Warren did not
+    write. `loaded` reuses a model already loaded from `model`."""
     from mllm import export
     from mllm.eval import engine
 
@@ -232,7 +234,8 @@ def evaluate(model: str, benchmarks: str | Sequence[str], data: str, output: str
     fp = model_fingerprint(model)
     dev = engine.resolve_device(device)
     if loaded is None:
-        loaded = export.load(model, dtype=dtype, device=str(dev))
+        extra = {"template": template} if template is not None else {}
+        loaded = export.load(model, dtype=dtype, device=str(dev), **extra)
     mid = model_id(model)
     results_path = storage.join(output, RESULTS)
     results = storage.read_json(results_path) if os.path.exists(results_path) else {}
