@@ -94,3 +94,94 @@ def test_eval_flow_writes_outputs_lineage_and_artifacts(prefect_api, tmp_path):
         else arts["eval-scores"].data
     assert sorted((x["key"], x["value"]) for x in rows) == sorted(zip(table["key"], table["value"]))
     assert f"| {ef.NAME} | overlap |" in arts["eval-summary"].data
+
+
+SMALL = ["source.demo_pool.n=300", "eval.demo_bench.images=6", "eval.workers=1",
+         'train.set={"stage1.max_steps": 3, "stage2.max_steps": 3, "stage1.save_every": 3, '
+         '"stage2.save_every": 3}']
+
+
+@pytest.fixture(scope="module")
+def served_pipeline(prefect_api, tmp_path_factory):
+    """`warren serve`, then `prefect deployment run 'pipeline/demo' --watch` on a small
+    demo pool: (output folder, CLI output)."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    log = open(tmp / "serve.log", "wb")
+    server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve"], cwd=REPO, env=env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    out = tmp / "run"
+    try:
+        deadline = time.monotonic() + 180
+        while subprocess.run([os.path.join(BIN, "prefect"), "deployment", "inspect", "pipeline/demo"],
+                             env=env, capture_output=True).returncode:
+            assert server.poll() is None, (tmp / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "deployment never appeared"
+            time.sleep(1)
+        r = subprocess.run([os.path.join(BIN, "prefect"), "deployment", "run", "pipeline/demo",
+                            "--param", f"output={out}", "--param", f"overrides={json.dumps(SMALL)}",
+                            "--watch", "--watch-timeout", "1200"],
+                           env=env, capture_output=True, text=True, timeout=1300)
+    finally:
+        stop_group(server, grace=30)
+        log.close()
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + (tmp / "serve.log").read_text()[-5000:]
+    assert "Completed" in r.stdout + r.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_pipeline_deployment_goes_from_shards_to_scores(served_pipeline):
+    import pyarrow.parquet as pq
+
+    from mllm import lineage
+    from mllm.eval import run
+    from pipelines import manifest, storage
+    out = served_pipeline
+    rec = json.load(open(out / "pipeline.json"))
+    assert list(rec["parts"]) == ["source", "curate", "stage1", "mix", "manifest", "train", "eval"]
+    assert not any(p.get("skipped") for p in rec["parts"].values())
+    # one chain of hashes from the shards to the scores
+    cur = rec["parts"]["curate"]
+    assert cur["coreset_sha256"] == storage.sha256(str(out / "curate" / "coreset.parquet"))
+    assert cur["funnel"]["input"] == 300
+    man = manifest.load(str(out / "manifest.json"))             # verifies every table's sha256
+    assert {n: e["sha256"] for n, e in man.doc["tables"].items()} == \
+        {n: e["sha256"] for n, e in rec["parts"]["manifest"]["tables"].items()}
+    coreset = pq.read_table(out / "curate" / "coreset.parquet").column("uid").to_pylist()
+    assert sorted(pq.read_table(man.table_path("stage1")).column("id").to_pylist()) == sorted(coreset)
+    model = rec["model"]
+    assert model == str(out / "train" / "stage2" / "final")
+    for n in ("stage1", "stage2"):
+        assert rec["parts"]["train"][n]["steps"] == 3
+    # eval: both benchmarks, every question of the drawn benchmark, in question-file order
+    ev = rec["parts"]["eval"]["benchmarks"]
+    assert set(ev) == {"pope", "gqa"}
+    import mllm.eval.benchmarks  # noqa: F401
+    from mllm.eval.types import REGISTRY
+    for b in ("pope", "gqa"):
+        qs = list(REGISTRY[b]().questions(str(out / "bench" / b)))
+        lines = run.read_answers(str(out / "eval" / b / "answers.jsonl"))
+        assert [x["question_id"] for x in lines] == [q.question_id for q in qs]
+        assert ev[b]["n"] == len(qs) > 0
+    table = pl.read_parquet(out / "eval" / "scores.parquet")
+    assert set(table["benchmark"]) == {"pope", "gqa"}
+    # the model card says where the model came from and how it scored
+    doc = lineage.read(model)
+    assert set(doc["eval"]) == {"pope", "gqa"}
+    assert doc["data"]["pipeline"]["record"] == str(out / "pipeline.json")
+    assert doc["data"]["pipeline"]["curation"]["coreset_sha256"] == cur["coreset_sha256"]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_pipeline_rerun_skips_every_part(served_pipeline, monkeypatch):
+    from flows.pipeline import pipeline
+    out = served_pipeline
+    watched = [out / "train" / "stage2" / "final" / "projector.safetensors",
+               out / "eval" / "pope" / "answers.jsonl", out / "curate" / "coreset.parquet"]
+    before = {p: os.stat(p).st_mtime_ns for p in watched}
+    monkeypatch.chdir(REPO)
+    rec = pipeline("configs/pipeline/demo.yaml", SMALL, str(out))
+    assert all(p["skipped"] for name, p in rec["parts"].items() if name != "manifest")
+    assert {p: os.stat(p).st_mtime_ns for p in watched} == before
