@@ -236,6 +236,9 @@ def _train(out_dir: str, manifest_path: str, summary: dict, steps: int, log) -> 
 
 
 BENCHMARKS = ["pope", "gqa"]
+# Short answers ("a single word or phrase") need a few tokens; a random model never
+# says its end token, so LLaVA's budget of 128 would be most of the demo's time.
+DEMO_BENCH = dict(images=12, max_new_tokens=8)
 
 
 def _eval(out_dir: str, model: str, log) -> dict:
@@ -246,11 +249,11 @@ def _eval(out_dir: str, model: str, log) -> dict:
     from pipelines.synth import demo_bench
 
     bench = storage.join(out_dir, "bench")
-    info = demo_bench.build(bench, demo_bench.DemoBenchConfig())
+    info = demo_bench.build(bench, demo_bench.DemoBenchConfig(images=DEMO_BENCH["images"]))
     log(f"held-out benchmark: {info['images']} new procedural images, {info['pope']} POPE-style "
         f"yes/no and {info['gqa']} GQA-style short-answer questions in {bench}")
-    res = run.evaluate(model, BENCHMARKS, bench, storage.join(out_dir, "eval"), progress=False,
-                       restart=True)
+    res = run.evaluate(model, BENCHMARKS, bench, storage.join(out_dir, "eval"), batch_size=32,
+                       progress=False, restart=True, max_new_tokens=DEMO_BENCH["max_new_tokens"])
     log("scores of the 2-layer random-weight model (meaningless, the plumbing is the point):")
     for name in BENCHMARKS:
         r = res["benchmarks"][name]

@@ -274,14 +274,15 @@ def bench_data(spec: specs.EvalSpec, out: str, log) -> str:
 def eval_key(spec: specs.EvalSpec, model: str, data: str) -> dict:
     from mllm.eval.run import model_fingerprint
     return {"model": model_fingerprint(model), "benchmarks": list(spec.benchmarks),
-            "data": os.path.abspath(data), "limit": spec.limit}
+            "data": os.path.abspath(data), "limit": spec.limit,
+            "max_new_tokens": spec.max_new_tokens}
 
 
 def evaluate_model(spec: specs.EvalSpec, model: str, data: str, out: str, restart: bool) -> dict:
     from mllm.eval import run
     res = run.evaluate(model, list(spec.benchmarks), data, out, batch_size=spec.batch_size,
                        workers=spec.workers, limit=spec.limit, device=spec.device,
-                       progress=False, restart=restart)
+                       progress=False, restart=restart, max_new_tokens=spec.max_new_tokens)
     return {"results": storage.join(out, run.RESULTS), "scores": storage.join(out, run.SCORES),
             "benchmarks": {b: {k: r.get(k) for k in ("n", "scores", "headline", "answers")}
                            for b, r in res["benchmarks"].items()}}

@@ -8,7 +8,7 @@ them from YAML: every problem of every group is collected, then raised once.
     eval:   benchmarks: [pope, gqa]
             data: playground/data/eval                     # LLaVA's eval folder, or
             demo_bench: {images: 24, seed: 1}              # a held-out procedural benchmark
-            batch_size: 16, workers: 2, limit: null, device: auto
+            batch_size: 16, workers: 2, limit: null, max_new_tokens: null, device: auto
 
 Relative paths are relative to the folder the flow runs in (the repository root for
 `warren serve` and prefect.yaml's worker), as in every Warren config.
@@ -81,10 +81,13 @@ class EvalSpec:
     batch_size: int = 16
     workers: int = 2
     limit: int | None = None
+    max_new_tokens: int | None = None    # cap every answer (quick runs); null: the benchmark's
     device: str = "auto"
 
     def check(self, where: str) -> list[str]:
         p = []
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            p.append(f"{where}.max_new_tokens: must be >= 1 (or null)")
         if (self.data is None) == (self.demo_bench is None):
             p.append(f"{where}: give exactly one of data or demo_bench")
         if self.data is not None and not os.path.exists(self.data):

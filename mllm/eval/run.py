@@ -203,13 +203,14 @@ def evaluate(model: str, benchmarks: str | Sequence[str], data: str, output: str
              batch_size: int = 16, workers: int = 2, limit: int | None = None,
              device: str = "auto", progress: bool = True, *, dtype: str | None = None,
              restart: bool = False, update_lineage: bool = True, template: str | None = None,
-             loaded=None) -> dict:
+             max_new_tokens: int | None = None, loaded=None) -> dict:
     """Answer and score each benchmark; returns what results.json holds.
 
     `limit` asks only the first N questions of each benchmark (quick runs; the scores
     are then of those N). `dtype` overrides the model's saved dtype (e.g. bfloat16 on a
     GPU). `template` names the conversation template of a llava-hf folder Warren did not
-    write. `loaded` reuses a model already loaded from `model`."""
+    write. `max_new_tokens` caps every question's answer budget (quick runs; the
+    benchmark's own budget otherwise). `loaded` reuses a model already loaded from `model`."""
     from mllm import export
     from mllm.eval import engine
 
@@ -220,6 +221,8 @@ def evaluate(model: str, benchmarks: str | Sequence[str], data: str, output: str
         problems.append(f"workers must be >= 0 (got {workers})")
     if limit is not None and limit < 1:
         problems.append(f"limit must be >= 1 (got {limit})")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        problems.append(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
     if problems:
         raise ConfigError(problems, source="eval")
     names = benchmark_names(benchmarks)
@@ -245,7 +248,7 @@ def evaluate(model: str, benchmarks: str | Sequence[str], data: str, output: str
         bench = REGISTRY[name]()
         ddir = os.path.abspath(benchmark_dir(data, name, bench))
         res = _one(bench, name, ddir, loaded, mid, fp, os.path.join(output, name), batch_size,
-                   workers, limit, progress, restart, engine)
+                   workers, limit, progress, restart, engine, max_new_tokens)
         results["benchmarks"][name] = res
         storage.write_json(results_path, results)
         write_scores_table(results, storage.join(output, SCORES))
@@ -255,16 +258,20 @@ def evaluate(model: str, benchmarks: str | Sequence[str], data: str, output: str
 
 
 def _one(bench, name, ddir, loaded, mid, fp, out, batch_size, workers, limit, progress,
-         restart, engine) -> dict:
+         restart, engine, cap) -> dict:
+    import dataclasses
     questions = list(bench.questions(ddir))
     if limit is not None:
         questions = questions[:limit]
+    if cap is not None:
+        questions = [dataclasses.replace(q, max_new_tokens=min(q.max_new_tokens, cap))
+                     for q in questions]
     if not questions:
         raise InputError(f"{name}: no questions", path=ddir)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, ANSWERS)
     state_path = os.path.join(out, "run.json")
-    state = {"benchmark": name, "data": ddir, "model": fp}
+    state = {"benchmark": name, "data": ddir, "model": fp, "max_new_tokens": cap}
     if restart:
         for p in (path, state_path):
             if os.path.exists(p):
@@ -272,9 +279,11 @@ def _one(bench, name, ddir, loaded, mid, fp, out, batch_size, workers, limit, pr
     if os.path.exists(state_path):
         old = storage.read_json(state_path)
         runkey.check_same(old.get("model"), fp, out)
-        if old.get("data") != ddir:
-            raise runkey.StaleRunError(f"{out} holds answers to {old.get('data')}, not {ddir}; "
-                                       "pass --restart to start over, or choose another output folder")
+        for k, what in (("data", "answers to"), ("max_new_tokens", "answers capped at")):
+            if old.get(k) != state[k]:
+                raise runkey.StaleRunError(
+                    f"{out} holds {what} {old.get(k)}, not {state[k]}; pass --restart to start "
+                    "over, or choose another output folder")
     storage.write_json(state_path, state)
     rows = read_answers(path)
     check_prefix(rows, questions, path)
@@ -296,6 +305,7 @@ def _one(bench, name, ddir, loaded, mid, fp, out, batch_size, workers, limit, pr
     storage.write_json(os.path.join(out, "scores.json"), summary)
     res = {"n": len(answers), "scores": scores, "data": ddir, "answers": path,
            "asked": asked, "resumed_from": done, "limit": None if limit is None else int(limit),
+           "max_new_tokens": cap,
            "seconds": round(seconds, 3),
            "questions_per_s": round(asked / seconds, 3) if asked and seconds > 0 else None}
     head = headline(bench, scores)
