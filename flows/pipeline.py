@@ -334,7 +334,7 @@ def pipeline(config: str, overrides: list[str] | None = None, output: str | None
     parts["eval"] = t_eval(cfg, model)
     record = {"config": os.path.abspath(config), "overrides": list(overrides or []),
               "resolved": cfg, "output": c.output, "model": model,
-              "code_version": manifest_mod.code_version(), "parts": parts,
+              "code_version": manifest_mod.code_version(), "order": list(parts), "parts": parts,
               "seconds": round(time.perf_counter() - t0, 2)}
     storage.write_json(storage.join(c.output, "pipeline.json"), record)
     lineage.update(model, data={"pipeline": {
