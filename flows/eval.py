@@ -22,11 +22,12 @@ from prefect.cache_policies import NO_CACHE
 
 @task(name="evaluate", cache_policy=NO_CACHE, persist_result=False)
 def evaluate_task(model: str, benchmarks: list[str], data: str, output: str, batch_size: int,
-                  workers: int, limit: int | None, device: str, restart: bool = False) -> dict:
+                  workers: int, limit: int | None, device: str, restart: bool = False,
+                  max_new_tokens: int | None = None) -> dict:
     from mllm.eval import run
     return run.evaluate(model=model, benchmarks=benchmarks, data=data, output=output,
                         batch_size=batch_size, workers=workers, limit=limit, device=device,
-                        progress=False, restart=restart)
+                        progress=False, restart=restart, max_new_tokens=max_new_tokens)
 
 
 def score_rows(results: dict) -> list[dict]:
@@ -63,13 +64,15 @@ def publish(results: dict, names: list[str] | None = None, key_prefix: str = "ev
 @flow(name="eval", log_prints=True)
 def eval_flow(model: str, benchmarks: list[str] | str, data: str, output: str,
               batch_size: int = 16, workers: int = 2, limit: int | None = None,
-              device: str = "auto", restart: bool = False) -> dict:
+              device: str = "auto", restart: bool = False,
+              max_new_tokens: int | None = None) -> dict:
     """Answer and score `benchmarks` (a list, or comma-separated names) from `data`
     (LLaVA's playground/data/eval layout) into `output`; returns results.json's content."""
     from mllm.eval.run import benchmark_names
     names = benchmark_names(benchmarks)
     log = get_run_logger()
-    res = evaluate_task(model, names, data, output, batch_size, workers, limit, device, restart)
+    res = evaluate_task(model, names, data, output, batch_size, workers, limit, device, restart,
+                        max_new_tokens)
     for b in names:
         r = res["benchmarks"][b]
         head = r.get("headline")
