@@ -333,7 +333,7 @@ def credits(c: AblateConfig, arms: dict[str, dict], data: str) -> dict:
             answers = run.read_answers(r["answers"])[:r["n"]]
             ddir = os.path.abspath(run.benchmark_dir(data, b, bench))
             head = r.get("headline")
-            benches[b] = {"credits": bench.per_question(ddir, answers),
+            benches[b] = {"credits": run.credits_of(bench, ddir, answers, c.eval.limit),
                           "headline": (head["key"], head["value"]) if head else None}
         out[name] = benches
     return out

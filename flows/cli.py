@@ -30,6 +30,7 @@ COMMANDS = {
     "train": "flows.commands.train",
     "generate": "flows.commands.generate",
     "report": "flows.commands.report",
+    "eval": "flows.commands.eval",
     "ablate": "flows.commands.ablate",
 }
 

@@ -23,6 +23,7 @@ model card) when the model folder is one Warren made.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -69,11 +70,26 @@ def benchmark_names(benchmarks: str | Sequence[str]) -> list[str]:
 
 
 def benchmark_dir(data: str, name: str, bench=None) -> str:
-    """The benchmark's own folder: `<data>/<folder>` when `data` is LLaVA's
+    """The benchmark's own folder: its `root(data)` when it finds it itself (the
+    benchmarks in mllm.eval.benchmarks do), else `<data>/<name>` when `data` is LLaVA's
     `playground/data/eval/` holding it, else `data` itself (the benchmark's folder)."""
-    folder = getattr(bench, "folder", None) or name
-    inside = os.path.join(data, folder)
+    if hasattr(bench, "root"):
+        return bench.root(data)
+    inside = os.path.join(data, name)
     return inside if os.path.isdir(inside) else data
+
+
+def scores_of(bench, ddir: str, answers: list[dict], limit: int | None) -> dict:
+    """bench.score, told the limit when there is one (the scorer then knows the answers
+    cover the first `limit` questions only)."""
+    return bench.score(ddir, answers) if limit is None else bench.score(ddir, answers, limit)
+
+
+def credits_of(bench, ddir: str, answers: list[dict], limit: int | None) -> dict:
+    """bench.per_question, likewise."""
+    if limit is None:
+        return bench.per_question(ddir, answers)
+    return bench.per_question(ddir, answers, limit)
 
 
 def model_fingerprint(model: str) -> dict:
@@ -235,6 +251,12 @@ def evaluate(model: str, benchmarks: str | Sequence[str], data: str, output: str
 
     model = os.path.abspath(model)
     fp = model_fingerprint(model)
+    benches = {}
+    for name in names:              # fail before the model loads: files that are not there
+        bench = REGISTRY[name]()
+        ddir = os.path.abspath(benchmark_dir(data, name, bench))
+        list(itertools.islice(bench.questions(ddir), 1))
+        benches[name] = (bench, ddir)
     dev = engine.resolve_device(device)
     if loaded is None:
         extra = {"template": template} if template is not None else {}
@@ -245,8 +267,7 @@ def evaluate(model: str, benchmarks: str | Sequence[str], data: str, output: str
     results.update({"model": model, "model_id": mid, "device": str(dev)})
     results.setdefault("benchmarks", {})
     for name in names:
-        bench = REGISTRY[name]()
-        ddir = os.path.abspath(benchmark_dir(data, name, bench))
+        bench, ddir = benches[name]
         res = _one(bench, name, ddir, loaded, mid, fp, os.path.join(output, name), batch_size,
                    workers, limit, progress, restart, engine, max_new_tokens)
         results["benchmarks"][name] = res
@@ -300,7 +321,7 @@ def _one(bench, name, ddir, loaded, mid, fp, out, batch_size, workers, limit, pr
         asked += len(batch)
     seconds = time.perf_counter() - t0
     answers = read_answers(path)[:len(questions)]
-    scores = bench.score(ddir, answers)
+    scores = scores_of(bench, ddir, answers, limit)
     summary = {"benchmark": name, "n": len(answers), "scores": scores}
     storage.write_json(os.path.join(out, "scores.json"), summary)
     res = {"n": len(answers), "scores": scores, "data": ddir, "answers": path,
