@@ -31,7 +31,8 @@ def _config(tmp, run, data, **extra) -> str:
            "train": {"config": os.path.join(REPO, "configs", "train", "tiny.yaml"),
                      "set": {"stage1.max_steps": 2, "stage2.max_steps": 2,
                              "stage1.save_every": 2, "stage2.save_every": 2}},
-           "eval": {"benchmarks": [ef.NAME], "data": data, "batch_size": 8, "workers": 0},
+           "eval": {"benchmarks": ["pope", "gqa", ef.NAME], "data": data, "batch_size": 16,
+                    "workers": 0, "max_new_tokens": 6},
            "runner": {"max_workers": 2},
            "bootstrap": {"n": 400, "seed": 5}, **extra}
     path = tmp / "ablate.yaml"
@@ -43,7 +44,9 @@ def _config(tmp, run, data, **extra) -> str:
 def ablated(curate_small, tmp_path_factory):
     from flows import ablate
     tmp = tmp_path_factory.mktemp("ablate")
-    data = ef.write_benchmark(str(tmp / "bench"), n=24)
+    from pipelines.synth import demo_bench
+    data = ef.write_benchmark(str(tmp / "bench"), n=24)       # bench/shapes-test/
+    demo_bench.build(data, demo_bench.DemoBenchConfig(images=4))   # bench/pope/, bench/gqa/
     cfg = _config(tmp, curate_small[0], data)
     with ef.registered():
         first = ablate.ablate(cfg)
@@ -102,41 +105,54 @@ def test_arms_share_recipe_tokenizer_and_questions(ablated):
 
 def test_ablation_parquet_rows_and_intervals(ablated):
     from mllm.eval import ablation, run
+    from mllm.eval.types import REGISTRY
     first, _, _, data, tmp = ablated
     out = tmp / "ablate"
     t = pl.read_parquet(out / "ablation.parquet")
     assert t.columns == ablation.ABLATION.names
-    assert sorted(zip(t["arm"], t["benchmark"])) == [("coreset", ef.NAME), ("random", ef.NAME)]
-    assert set(t["baseline"]) == {"random"} and set(t["n"]) == {24}
-    rows = {r["arm"]: r for r in t.to_dicts()}
-    # recompute from the answers files: credits, the difference, the interval
-    bench = ef.ShapesTest()
+    assert sorted(zip(t["arm"], t["benchmark"])) == sorted(
+        (a, b) for a in ("coreset", "random") for b in ("gqa", "pope", ef.NAME))
+    assert set(t["baseline"]) == {"random"}
+    assert all(math.isfinite(x) for c in ("diff", "ci_low", "ci_high") for x in t[c])
+    assert (t["ci_low"] <= t["diff"]).all() and (t["diff"] <= t["ci_high"]).all()
+    # every arm answered the same questions: all of each benchmark's
+    for b in ("pope", "gqa"):
+        n = len(list(REGISTRY[b]().questions(data)))
+        assert set(t.filter(pl.col("benchmark") == b)["n"]) == {n}
+    # the test benchmark's credit (share of the answer's characters) recomputed by hand
+    rows = {r["arm"]: r for r in t.filter(pl.col("benchmark") == ef.NAME).to_dicts()}
+    qs = list(ef.ShapesTest().questions(os.path.join(data, ef.NAME)))
     cred = {}
     for a in ("coreset", "random"):
         ans = run.read_answers(str(out / "arms" / a / "eval" / ef.NAME / "answers.jsonl"))
-        assert len(ans) == 24
-        c = bench.per_question(os.path.join(data, ef.NAME), ans)
-        cred[a] = np.array([c[k] for k in sorted(c)])
+        assert [x["question_id"] for x in ans] == [q.question_id for q in qs]
+        cred[a] = np.array([len(set(q.metadata["answer"]) & set(x["text"].lower()))
+                            / len(set(q.metadata["answer"])) for x, q in zip(ans, qs)])
         assert rows[a]["credit"] == pytest.approx(100 * cred[a].mean())
         assert rows[a]["score"] == pytest.approx(100 * cred[a].mean()) and rows[a]["key"] == "overlap"
+        assert rows[a]["n"] == 24
     d, lo, hi = ablation.paired_bootstrap(cred["coreset"], cred["random"], 400, 5)
     r = rows["coreset"]
     assert r["diff"] == pytest.approx(100 * d)
     assert (r["ci_low"], r["ci_high"]) == pytest.approx((100 * lo, 100 * hi))
-    assert all(math.isfinite(x) for x in (r["ci_low"], r["ci_high"], r["diff"]))
-    assert r["ci_low"] <= r["diff"] <= r["ci_high"] and r["ci_low"] < r["ci_high"]
+    assert r["ci_low"] < r["ci_high"]
     assert r["score_diff"] == pytest.approx(rows["coreset"]["score"] - rows["random"]["score"])
     b = rows["random"]
     assert (b["diff"], b["ci_low"], b["ci_high"]) == (0.0, 0.0, 0.0)
     assert r["size"] == b["size"] == first["size"]
     assert json.loads(r["selection"]) == {"select": {}, "seed": 3}
+    # POPE's headline is its average F1, as its scorer reports it for each arm
+    for a in ("coreset", "random"):
+        res = json.load(open(out / "arms" / a / "eval" / "results.json"))
+        p = t.filter((pl.col("benchmark") == "pope") & (pl.col("arm") == a)).to_dicts()[0]
+        assert p["key"] == "average_f1" and p["score"] == res["benchmarks"]["pope"]["scores"]["average_f1"]
 
 
 def test_ablation_html_is_self_contained(ablated):
     _, _, _, _, tmp = ablated
     page = (tmp / "ablate" / "ablation.html").read_text()
     assert "<svg" in page and "How to read this" in page
-    assert "coreset" in page and "random" in page and ef.NAME in page
+    assert "coreset" in page and "random" in page and ef.NAME in page and "pope" in page
     # nothing is fetched: no scripts, stylesheets or images from elsewhere
     assert not re.search(r"(src|href)=[\"']?(https?:)?//", page) and "<link" not in page
 
