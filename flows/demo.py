@@ -257,7 +257,9 @@ def _eval(out_dir: str, model: str, log) -> dict:
     log("scores of the 2-layer random-weight model (meaningless, the plumbing is the point):")
     for name in BENCHMARKS:
         r = res["benchmarks"][name]
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in flatten(r["scores"])
-                          if name != "pope" or k.split(".")[-1] in ("accuracy", "f1", "yes_ratio"))
-        log(f"  {name} (n={r['n']}): {shown}")
+        head = r.get("headline") or {}
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in flatten(r["scores"]) if k != head.get("key")
+                          and (name != "pope" or k.split(".")[-1] in ("accuracy", "f1", "yes_ratio")))
+        lead = f"{head['key']} {head['value']:.4g}; " if head else ""
+        log(f"  {name} (n={r['n']}): {lead}{shown}")
     return res
