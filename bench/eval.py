@@ -11,8 +11,10 @@ Arms, each in its own process (so each one's peak memory is its own):
   processes, answers appended to answers.jsonl per batch;
 - loop: for each question, `mllm.generate.answer` (HF `generate`, batch 1, the image
   decoded in the same process): what a first eval script does.
-Both answer every question greedily with the same budget, so their answers must agree;
-the bench checks it and prints how many do. The model has random weights (a random
+Both answer every question greedily with the same budget, so their answers agree: in
+float32 all of them (the bench fails otherwise); in bfloat16/float16 the batched and the
+one-question kernels round differently and a near-tie may go the other way (it prints
+how many agree). The model has random weights (a random
 model rarely emits its end token: nearly every answer runs to --max-new-tokens, the
 same work for both arms). Target: eval >= 3x the loop's questions/s.
 """
@@ -229,8 +231,11 @@ def main(argv=None) -> int:
         if k in a:
             print(f"| {k} | {a[k]:,.0f} | {b[k]:,.0f} | |")
     print(f"| identical answers | {agree} / {args.questions} | | |")
+    if args.dtype != "float32" and agree < args.questions:
+        print(f"({args.dtype}: batched and one-question kernels round differently, so a greedy "
+              "near-tie can go the other way; float32 answers must all agree)")
     print(json.dumps({"eval": a, "loop": b, "ratio": round(ratio, 2), "agree": agree}))
-    return 0 if agree == args.questions else 1
+    return 0 if agree == args.questions or args.dtype != "float32" else 1
 
 
 if __name__ == "__main__":
