@@ -147,3 +147,11 @@ def test_warren_eval_on_it_and_warren_eval_score_agree(bench, tmp_path):
     again = json.loads(r2.stdout)
     assert [again["benchmarks"][b]["asked"] for b in ("pope", "gqa")] == [0, 0]
     assert all(again["benchmarks"][b]["scores"] == res["benchmarks"][b]["scores"] for b in ("pope", "gqa"))
+
+
+def test_library_side_never_imports_prefect(tmp_path):
+    code = ("import sys; from pipelines.synth import demo_bench; "
+            f"demo_bench.build({str(tmp_path)!r}, demo_bench.DemoBenchConfig(images=3)); "
+            "import mllm.eval.run, mllm.eval.engine, mllm.eval.ablation; "
+            "assert not [m for m in sys.modules if m.split('.')[0] == 'prefect'], 'prefect'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
