@@ -8,7 +8,8 @@
 Questions are asked in the order given, `batch_size` at a time. Each prompt is built by
 `mllm.generate.prompt_ids` (the template's generation prompt with `<image>\\n` first, as
 training saw it), left-padded to the longest prompt of the batch, and decoded greedily
-until the template's end token or the question's `max_new_tokens`. Position ids count
+until the template's stop token(s) (as `mllm.generate.answer` stops) or the question's
+`max_new_tokens`. Position ids count
 only real tokens (cumsum of the attention mask), so a padded row sees exactly the
 positions it would alone: the answers do not depend on the batch size (a test checks it
 against one-question-at-a-time `generate`). Rows that finish leave the batch (their KV
@@ -76,6 +77,15 @@ class _Pixels(torch.utils.data.Dataset):
             return i, None, f"{type(e).__name__}: {e}"
 
 
+def stop_ids(loaded) -> list[int]:
+    """The ids that end an answer, as `mllm.generate.answer` stops: the template's own
+    list where it has one, else its end token."""
+    tok, tpl = loaded.tokenizer, loaded.template
+    if hasattr(tpl, "stop_ids"):
+        return list(tpl.stop_ids(tok))
+    return [tok.convert_tokens_to_ids(tpl.end_token(tok))]
+
+
 def _as_list(batch):
     return batch
 
@@ -90,10 +100,11 @@ def _forward_kwargs(lm) -> tuple[str, bool]:
 
 @torch.inference_mode()
 def greedy(vlm, prompts: Sequence[Sequence[int]], pixel_values: torch.Tensor | None,
-           max_new_tokens: Sequence[int], end_id: int, pad_id: int) -> list[list[int]]:
+           max_new_tokens: Sequence[int], stop_tokens, pad_id: int) -> list[list[int]]:
     """Greedy continuations of left-padded `prompts` (token ids with the image
     placeholders expanded; `pixel_values` holds one image per placeholder run, in row
-    order). Each row stops at `end_id` (not included) or after its `max_new_tokens`."""
+    order). Each row stops at a token of `stop_tokens` (not included) or after its
+    `max_new_tokens`."""
     from transformers import DynamicCache
 
     lm = vlm.language_model
@@ -113,13 +124,14 @@ def greedy(vlm, prompts: Sequence[Sequence[int]], pixel_values: torch.Tensor | N
     logits = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                 use_cache=True, **{cache_arg: cache}, **extra).logits[:, -1]
     last = positions[:, -1]
+    stop = {int(x) for x in ([stop_tokens] if isinstance(stop_tokens, int) else stop_tokens)}
     out: list[list[int]] = [[] for _ in range(b)]
     alive = list(range(b))                   # original row of each row still generating
     while True:
         nxt = logits.argmax(-1)
         keep = []
         for j, (row, tok) in enumerate(zip(alive, nxt.tolist())):  # note: one host sync per step
-            if tok == end_id:
+            if tok in stop:
                 continue
             out[row].append(tok)
             if len(out[row]) < max_new_tokens[row]:
@@ -148,8 +160,8 @@ def answer_batches(loaded, questions: Sequence[Question], data_dir: str | None =
     if not questions:
         return
     tok, vlm = loaded.tokenizer, loaded.model
-    end_id = tok.convert_tokens_to_ids(loaded.template.end_token(tok))
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else end_id
+    stop = stop_ids(loaded)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
     loader = torch.utils.data.DataLoader(
         _Pixels([q.image for q in questions], data_dir, loaded.processor), batch_size=batch_size,
         shuffle=False, num_workers=workers, collate_fn=_as_list,
@@ -169,7 +181,7 @@ def answer_batches(loaded, questions: Sequence[Question], data_dir: str | None =
             pixels = [px for _, px, _ in items if px is not None]
             prompts = [prompt_ids(loaded, q.prompt, q.image is not None) for q in batch]
             gen = greedy(vlm, prompts, torch.stack(pixels) if pixels else None,
-                         [q.max_new_tokens for q in batch], end_id, pad_id)
+                         [q.max_new_tokens for q in batch], stop, pad_id)
             yield [Answer(q, tok.decode(t, skip_special_tokens=True).strip(), len(t))
                    for q, t in zip(batch, gen)]
             if bar is not None:
