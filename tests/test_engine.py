@@ -221,6 +221,7 @@ def test_another_model_into_the_same_output_refuses(full_run, data, tmp_path, be
         run.evaluate(other, ef.NAME, data, out, workers=0, progress=False)
     res = run.evaluate(other, ef.NAME, data, out, workers=0, progress=False, restart=True)
     assert res["benchmarks"][ef.NAME]["asked"] == 40
+    assert res["model"] == os.path.abspath(other) and list(res["benchmarks"]) == [ef.NAME]
 
 
 def test_answers_of_other_questions_refuse(model, data, tmp_path, bench):

@@ -264,7 +264,11 @@ def evaluate(model: str, benchmarks: str | Sequence[str], data: str, output: str
     mid = model_id(model)
     results_path = storage.join(output, RESULTS)
     results = storage.read_json(results_path) if os.path.exists(results_path) else {}
-    results.update({"model": model, "model_id": mid, "device": str(dev)})
+    digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
+    if results.get("model_fingerprint") != digest:
+        results = {}            # another model's scores never sit beside this one's
+    results.update({"model": model, "model_id": mid, "model_fingerprint": digest,
+                    "device": str(dev)})
     results.setdefault("benchmarks", {})
     for name in names:
         bench, ddir = benches[name]
