@@ -413,6 +413,7 @@ def ablate(config: str, overrides: list[str] | None = None, output: str | None =
     ablation.write_html(rows, storage.join(c.output, "ablation.html"), meta)
     record = {"config": os.path.abspath(config), "resolved": cfg, "source": run, "size": size,
               "natural_sizes": natural, "baseline": c.baseline, "tokenizer": tokenizer,
+              "runner": runners.describe(rc), "parallel_arms": parallel,
               "arms": {a: {k: v for k, v in r.items() if k != "eval_key"} for a, r in arms.items()},
               "rows": rows, "seconds": round(time.perf_counter() - t0, 2),
               "outputs": {"parquet": storage.join(c.output, "ablation.parquet"),

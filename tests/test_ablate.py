@@ -73,6 +73,7 @@ def test_arms_have_the_same_size_and_the_expected_rows(ablated):
     assert sorted(rnd["uid"]) == sorted(u for u, k in zip(uids, keep) if k)
     assert len(rnd) == len(arm)
     assert first["arms"]["coreset"]["rows"] == first["arms"]["random"]["rows"] == len(core)
+    assert first["parallel_arms"] == 2 and first["runner"] == "local threads (2)"
     # their stage-1 tables are their captions; both images came from the pool
     for name, t in (("coreset", arm), ("random", rnd)):
         s1 = pl.read_parquet(out / "arms" / name / "stage1" / "stage1.parquet")
