@@ -40,6 +40,7 @@ COMMANDS = {
     "import-tinygptv": "flows.commands.import_tinygptv",
     "report": "flows.commands.report",
     "eval": "flows.commands.eval",
+    "ablate": "flows.commands.ablate",
 }
 
 # errno values that mean "this output cannot be written here"

@@ -9,7 +9,10 @@
              on scaled-down synthetic sources in the real formats (SVIT-mix with its
              ShareGPT part, WizardLM-evol-instruct, malformed records planted);
     _train   the tiny VLM (random weights, local tokenizer): stage 1 on the captions,
-             stage 2 (LoRA) on the mix, then one question about a coreset image.
+             stage 2 (LoRA) on the mix, then one question about a coreset image;
+    _eval    a held-out benchmark drawn from new procedural images in published formats
+             (POPE-style yes/no, GQA-style short answers: pipelines/synth/demo_bench.py),
+             the model evaluated on it (mllm.eval.run.evaluate) and its scores printed.
 
 Layout under the output folder (default runs/demo): source/ (the pool, reused across
 runs), curate/ (the curation run; started fresh each time, since the server's port
@@ -43,6 +46,7 @@ class DemoResult:
     seconds: dict
     mix: dict | None = None       # stage-1 and mix stats, manifest path
     train: dict | None = None     # stage summaries, model folder, the question and answer
+    eval: dict | None = None      # evaluate()'s results (results.json) on the demo benchmark
 
 
 def demo_flow(out_dir: str = "runs/demo", n: int = 3000, sets: list[str] | None = None,
@@ -60,14 +64,17 @@ def demo_flow(out_dir: str = "runs/demo", n: int = 3000, sets: list[str] | None 
     s = time.perf_counter()
     mixed = _mix(out_dir, summary, log)
     seconds["mix"] = time.perf_counter() - s
-    trained = None
+    trained = evaluated = None
     if train_steps > 0:
         s = time.perf_counter()
         trained = _train(out_dir, mixed["manifest"], summary, train_steps, log)
         seconds["train"] = time.perf_counter() - s
+        s = time.perf_counter()
+        evaluated = _eval(out_dir, trained["model"], log)
+        seconds["eval"] = time.perf_counter() - s
     seconds["total"] = time.perf_counter() - t0
     return DemoResult(out_dir, source, summary, planted,
-                      {k: round(v, 1) for k, v in seconds.items()}, mixed, trained)
+                      {k: round(v, 1) for k, v in seconds.items()}, mixed, trained, evaluated)
 
 
 def _source(out_dir: str, n: int, log) -> str:
@@ -81,16 +88,22 @@ def _source(out_dir: str, n: int, log) -> str:
 
 
 def _curate(out_dir: str, source: str, sets: list[str], log) -> dict:
-    from flows import curate
-
     run = storage.join(out_dir, "curate")
     if os.path.isdir(run):
         shutil.rmtree(run)
     log(MODEL_NOTE)
+    return curate_pool(source, run, CONFIG, sets, log)
+
+
+def curate_pool(source: str, run: str, config: str, sets: list[str], log) -> dict:
+    """Serve the generated pool on 127.0.0.1 and curate it from URLs into `run` (the
+    pipeline and ablation flows call this too)."""
+    from flows import curate
+
     with demo_pool.serve(source) as base:
         meta = demo_pool.write_metadata(source, base)
         log(f"serving the pool at {base}; curating into {run}")
-        cfg = curate.load_config(CONFIG, [f"source.path={meta}"] + sets, output=run)
+        cfg = curate.load_config(config, [f"source.path={meta}"] + list(sets), output=run)
         return curate.run_local(cfg)
 
 
@@ -136,27 +149,51 @@ def _check(source: str, run: str, log) -> dict:
 def _mix(out_dir: str, summary: dict, log) -> dict:
     """stage1/ from the coreset, mix/ from the Bunny-695K recipe, and one manifest
     (<out_dir>/manifest.json) that lists both with their images."""
-    from pipelines import manifest
-    from pipelines.mix import build, recipe, stage1
-    from pipelines.synth import mix as synth
-
     man = storage.join(out_dir, "manifest.json")
-    for old in (man, storage.join(out_dir, "stage1"), storage.join(out_dir, "mix")):
+    for old in (man, storage.join(out_dir, "stage1"), storage.join(out_dir, "mix"),
+                storage.join(out_dir, "mix-source")):
         if os.path.isdir(old):
             shutil.rmtree(old)
         elif os.path.exists(old):
             os.remove(old)
-    s1 = stage1.run(stage1.Stage1Config(manifest=man), summary["paths"]["coreset"],
-                    storage.join(out_dir, "stage1"))
+    s1 = stage1_table(summary["paths"]["coreset"], storage.join(out_dir, "stage1"), man, log)
+    # Bunny-695K at 1/500 scale: 1,250 image records, 80 ShareGPT, 140 WizardLM.
+    recipe_path = synthetic_sources(storage.join(out_dir, "mix-source"))
+    mix_dir = storage.join(out_dir, "mix")
+    stats = build_mix(recipe_path, mix_dir, man, log)
+    return {"stage1": s1, "mix": stats, "manifest": man,
+            "paths": {"stage1": storage.join(out_dir, "stage1", "stage1.parquet"),
+                      "mix": stats["table"], "mix_rejects": storage.join(mix_dir, "rejects.parquet"),
+                      "manifest": man}}
+
+
+def stage1_table(coreset: str, out: str, manifest_path: str, log) -> dict:
+    """The coreset's captions as the stage-1 table, added to `manifest_path`."""
+    from pipelines.mix import stage1
+
+    s1 = stage1.run(stage1.Stage1Config(manifest=manifest_path), coreset, out)
     log(f"stage-1 table: {s1['kept']:,} caption records from the coreset "
         f"({s1['rejected']:,} rejected)")
-    # Bunny-695K at 1/500 scale: 1,250 image records, 80 ShareGPT, 140 WizardLM.
-    src = storage.join(out_dir, "mix-source")
-    if os.path.isdir(src):
-        shutil.rmtree(src)
-    synth.write_sources(src, scale=0.002, max_images=64)
-    r = recipe.load(synth.write_recipe(src, "bunny-695k"))
-    mix_dir = storage.join(out_dir, "mix")
+    return s1
+
+
+def synthetic_sources(src: str, scale: float = 0.002, max_images: int = 64,
+                      recipe: str = "bunny-695k") -> str:
+    """Scaled-down synthetic instruction sources in the real formats; returns the path
+    of the recipe file pointing at them."""
+    from pipelines.synth import mix as synth
+
+    synth.write_sources(src, scale=scale, max_images=max_images)
+    return synth.write_recipe(src, recipe)
+
+
+def build_mix(recipe_path: str, mix_dir: str, manifest_path: str, log) -> dict:
+    """Build the mix of a recipe file into `mix_dir` and add it to `manifest_path` as
+    table "mix"; returns the mix stats plus "table" (the mix.parquet path)."""
+    from pipelines import manifest
+    from pipelines.mix import build, recipe, stage1
+
+    r = recipe.load(recipe_path)
     stats = build.run(r, mix_dir)
     for name, st in stats["sources"].items():
         reasons = ", ".join(f"{k} {v:,}" for k, v in st["reasons"].items()) or "none"
@@ -164,12 +201,9 @@ def _mix(out_dir: str, summary: dict, log) -> dict:
     log(f"mix (recipe {r.name}): {stats['kept']:,} records, text-only share "
         f"{stats['text_only_share']:.1%}")
     built = manifest.load(storage.join(mix_dir, "manifest.json"))
-    stage1.add_to_manifest(man, "mix", built.table_path("mix"), built.images("mix"),
+    stage1.add_to_manifest(manifest_path, "mix", built.table_path("mix"), built.images("mix"),
                            config={"recipe": r.to_dict()})
-    return {"stage1": s1, "mix": stats, "manifest": man,
-            "paths": {"stage1": storage.join(out_dir, "stage1", "stage1.parquet"),
-                      "mix": built.table_path("mix"), "mix_rejects": storage.join(mix_dir, "rejects.parquet"),
-                      "manifest": man}}
+    return {**stats, "table": built.table_path("mix")}
 
 
 def _train(out_dir: str, manifest_path: str, summary: dict, steps: int, log) -> dict:
@@ -199,3 +233,33 @@ def _train(out_dir: str, manifest_path: str, summary: dict, steps: int, log) -> 
     log(f"  Q: {question}\n  A: {answer}")
     return {**res, "coreset_question": {"uid": uid, "image": image_path, "caption": caption,
                                         "question": question, "answer": answer}}
+
+
+BENCHMARKS = ["pope", "gqa"]
+# Short answers ("a single word or phrase") need a few tokens; a random model never
+# says its end token, so LLaVA's budget of 128 would be most of the demo's time.
+DEMO_BENCH = dict(images=12, max_new_tokens=8)
+
+
+def _eval(out_dir: str, model: str, log) -> dict:
+    """Draw the held-out benchmark (reused across runs) and evaluate the model on it.
+    The model is new each run, so its answers start over."""
+    from mllm.eval import run
+    from mllm.eval.run import flatten
+    from pipelines.synth import demo_bench
+
+    bench = storage.join(out_dir, "bench")
+    info = demo_bench.build(bench, demo_bench.DemoBenchConfig(images=DEMO_BENCH["images"]))
+    log(f"held-out benchmark: {info['images']} new procedural images, {info['pope']} POPE-style "
+        f"yes/no and {info['gqa']} GQA-style short-answer questions in {bench}")
+    res = run.evaluate(model, BENCHMARKS, bench, storage.join(out_dir, "eval"), batch_size=32,
+                       progress=False, restart=True, max_new_tokens=DEMO_BENCH["max_new_tokens"])
+    log("scores of the 2-layer random-weight model (meaningless, the plumbing is the point):")
+    for name in BENCHMARKS:
+        r = res["benchmarks"][name]
+        head = r.get("headline") or {}
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in flatten(r["scores"]) if k != head.get("key")
+                          and (name != "pope" or k.split(".")[-1] in ("accuracy", "f1", "yes_ratio")))
+        lead = f"{head['key']} {head['value']:.4g}; " if head else ""
+        log(f"  {name} (n={r['n']}): {lead}{shown}")
+    return res

@@ -48,7 +48,12 @@ def _needs_source(path: str) -> bool:
 
 
 def serve(config_dir: str = "configs/curate", limit: int | None = None) -> None:
-    """Serve until interrupted. Needs PREFECT_API_URL pointing at a running server."""
+    """Serve until interrupted. Needs PREFECT_API_URL pointing at a running server.
+    Also serves `eval/eval` and one `pipeline/<name>` per configs/pipeline/*.yaml."""
     from prefect import serve as prefect_serve
 
-    prefect_serve(*deployments(config_dir), limit=limit)
+    from flows import eval as eval_flow
+    from flows import pipeline
+
+    prefect_serve(*deployments(config_dir), eval_flow.deployment(), *pipeline.deployments(),
+                  limit=limit)

@@ -3,15 +3,15 @@
 The flow only wires mllm.train: one task per stage, run in order (stage 2 starts from
 stage 1's exported model). A stage whose `final/` model and `summary.json` exist is
 skipped; an interrupted stage resumes from its latest checkpoint. So a retried flow run
-continues where it stopped, and curation -> mix -> training can be one deployment:
+continues where it stopped.
 
-    from flows.train import train
-    @flow
-    def pipeline(...):
-        ...curate, mix...               # write manifest.json
-        train(manifest_path=..., config_path="configs/train/tiny.yaml", output_dir=...)
+Curation -> stage-1 table -> mix -> manifest -> train -> eval is one deployment already:
+the `pipeline` flow (flows/pipeline.py) runs this flow as one of its parts, from one
+config file (configs/pipeline/*.yaml), served by `warren serve`:
 
-Or serve it alone: `python -c "from flows.train import train; train.serve(name='train')"`
+    prefect deployment run 'pipeline/demo' --watch
+
+Or serve this flow alone: `python -c "from flows.train import train; train.serve(name='train')"`
 then `prefect deployment run 'train/train' --param manifest_path=... --param config_path=...`.
 Tasks return summaries (small dicts of numbers and paths), never models.
 """

@@ -67,6 +67,21 @@ def test_warren_demo_command(prefect_api, tmp_path):
     assert sum(loss[-5:]) < sum(loss[:5])
     assert {"warren_vlm.json", "projector.safetensors", "language_model"} <= set(os.listdir(paths["model"]))
     assert isinstance(paths["answer"], str) and "Q: Describe the image concisely." in r.stderr
+    # it ends by evaluating the model on a held-out benchmark in POPE's and GQA's layouts
+    from mllm import lineage
+    from mllm.eval import run
+    res = json.load(open(os.path.join(paths["eval"], "results.json")))
+    assert set(res["benchmarks"]) == {"pope", "gqa"} and res["model"] == paths["model"]
+    for b in ("pope", "gqa"):
+        n = res["benchmarks"][b]["n"]
+        lines = run.read_answers(os.path.join(paths["eval"], b, "answers.jsonl"))
+        assert len(lines) == n > 0 and f"{b} (n={n})" in r.stderr
+    qfile = [json.loads(x) for x in open(os.path.join(paths["eval_data"], "pope", "llava_pope_test.jsonl"))]
+    assert [x["question_id"] for x in run.read_answers(os.path.join(paths["eval"], "pope", "answers.jsonl"))] \
+        == [q["question_id"] for q in qfile]
+    assert {q["category"] for q in qfile} == {"adversarial", "popular", "random"}
+    assert set(pl.read_parquet(os.path.join(paths["eval"], "scores.parquet"))["benchmark"]) == {"pope", "gqa"}
+    assert set(lineage.read(paths["model"])["eval"]) == {"pope", "gqa"}
     # the command the demo prints to ask the model again works as printed
     g = subprocess.run([sys.executable, "-m", "flows.cli", "generate", "--checkpoint", paths["model"],
                         "--image", paths["question_image"], "--prompt", "Describe the image concisely.",

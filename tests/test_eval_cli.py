@@ -102,5 +102,6 @@ def test_run_form_passes_every_flag_to_evaluate(tmp_path, capsys, monkeypatch):
     assert cli.main(["eval", "--model", "m", "--benchmark", "pope, gqa", "--data", case_root, "--output",
                      "o", "--batch-size", "4", "--workers", "0", "--limit", "10", "--device", "cpu"]) == 0
     assert calls == [dict(model="m", benchmarks=["pope", "gqa"], data=case_root, output="o", batch_size=4,
-                          workers=0, limit=10, device="cpu", progress=True)]
+                          workers=0, limit=10, device="cpu", progress=True, restart=False,
+                          max_new_tokens=None)]
     assert json.loads(capsys.readouterr().out) == {"pope": {"average_f1": 0.5}}

@@ -105,6 +105,9 @@ def run(args) -> int:
             f"--prompt '{q['question']}'")
         out.update(model=r.train["model"], answer=q["answer"], question_image=q["image"],
                    metrics=r.train["stage2"]["metrics"], loss_plot=r.train["stage2"]["plot"])
+    if r.eval is not None:
+        log(f"eval:     {r.output}/eval/results.json, scores.parquet, <benchmark>/answers.jsonl")
+        out.update(eval=f"{r.output}/eval", eval_data=f"{r.output}/bench")
     log("done in " + ", ".join(f"{k} {v:.0f} s" for k, v in r.seconds.items() if k != "total")
         + f": {r.seconds['total']:.0f} s in all; run folder {r.output}")
     print(json.dumps(out))

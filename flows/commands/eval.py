@@ -34,6 +34,10 @@ def add_arguments(p) -> None:
     p.add_argument("--limit", metavar="N", type=_limit, default=None,
                    help="ask only the first N questions of each benchmark")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--restart", action="store_true",
+                   help="start the benchmarks over (drop their answers in --output)")
+    p.add_argument("--max-new-tokens", metavar="N", type=_limit, default=None,
+                   help="cap every answer at N tokens (default: each benchmark's own budget)")
     sub = p.add_subparsers(dest="eval_action", metavar="score", required=False)
     s = sub.add_parser("score", help="score an answers.jsonl as the official script does",
                        description="Score an answers.jsonl (LLaVA's form) as the benchmark's "
@@ -87,6 +91,7 @@ def _evaluate(args) -> int:
                           "`warren eval score` still scores answers files") from None
     result = evaluate(model=args.model, benchmarks=names, data=args.data, output=args.output,
                       batch_size=args.batch_size, workers=args.workers, limit=args.limit,
-                      device=args.device, progress=True)
+                      device=args.device, progress=True, restart=args.restart,
+                      max_new_tokens=args.max_new_tokens)
     print(json.dumps(result, default=str))
     return 0
