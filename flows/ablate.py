@@ -45,7 +45,7 @@ from prefect.cache_policies import NO_CACHE
 from flows import runners, specs
 from flows.pipeline import (_fresh, _logger, bench_data, curate_part, make_mix, mix_key, part,
                             source_part)
-from pipelines import storage
+from pipelines import config, storage
 from pipelines.errors import ConfigError, WarrenError
 
 TASK = dict(cache_policy=NO_CACHE, persist_result=False)
@@ -137,8 +137,7 @@ class AblateConfig:
 
 def load_config(path: str, overrides: list[str] | None = None,
                 output: str | None = None) -> AblateConfig:
-    from flows.curate import apply_overrides
-    d = apply_overrides(specs.read_yaml(path, "ablate"), overrides)
+    d = config.apply_overrides(config.load_yaml(path, "ablate config"), overrides)
     if output:
         d["output"] = output
     return _config(d, path)
@@ -146,7 +145,7 @@ def load_config(path: str, overrides: list[str] | None = None,
 
 def _config(d: dict, source: str = "ablate config") -> AblateConfig:
     problems: list[str] = []
-    cfg = specs.build(AblateConfig, d, "", problems)
+    cfg = specs.merge_top(AblateConfig, d, problems)
     if cfg is not None:
         problems += cfg.check()
         for name in ("source", "mix", "train", "eval"):

@@ -38,7 +38,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from prefect import flow, get_run_logger, task
@@ -46,7 +46,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import specs
-from pipelines import storage
+from pipelines import config, storage
 from pipelines.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,12 +72,11 @@ class PipelineConfig:
 def load_config(path: str, overrides: list[str] | None = None,
                 output: str | None = None) -> PipelineConfig:
     """Read a pipeline YAML, apply `key=value` overrides, check every part at once."""
-    from flows.curate import apply_overrides
-    d = apply_overrides(specs.read_yaml(path, "pipeline"), overrides)
+    d = config.apply_overrides(config.load_yaml(path, "pipeline config"), overrides)
     if output:
         d["output"] = output
     problems: list[str] = []
-    cfg = specs.build(PipelineConfig, d, "", problems)
+    cfg = specs.merge_top(PipelineConfig, d, problems)
     if cfg is not None:
         for name in ("source", "curate", "mix", "train", "eval"):
             part = getattr(cfg, name)
@@ -304,7 +303,7 @@ def t_eval(cfg: dict, model: str) -> dict:
 
 def _config(d: dict) -> PipelineConfig:
     problems: list[str] = []
-    cfg = specs.build(PipelineConfig, d, "", problems)
+    cfg = specs.merge_top(PipelineConfig, d, problems)
     if problems:
         raise ConfigError(problems, source="pipeline config")
     return cfg

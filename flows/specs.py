@@ -1,5 +1,6 @@
 """Config groups shared by the pipeline and ablation flows, and the loader that builds
-them from YAML: every problem of every group is collected, then raised once.
+them from YAML (with pipelines.config): every problem of every group is collected,
+then raised once.
 
     mix:    recipe: configs/mix/bunny-695k.yaml            # a recipe file, or
             synthetic: {scale: 0.002, max_images: 64}      # scaled-down synthetic sources
@@ -17,13 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 
-import yaml
-
-from pipelines.errors import ConfigError, InputError
+from pipelines import config
+from pipelines.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -128,87 +126,21 @@ class CurateSpec:
         return [] if os.path.exists(self.config) else [f"{where}.config: {self.config} not found"]
 
 
-# -- loading ------------------------------------------------------------------------------
-def build(cls, data, where: str, problems: list[str]):
-    """A dataclass from a mapping, recursively; type and unknown-key problems are
-    appended to `problems` (the defaults stand in for what is wrong)."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        problems.append(f"{where}: expected a mapping, got {data!r}")
-        return cls() if _defaults(cls) else None
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        sub = f"{where}.{key}" if where else key
-        if key not in names:
-            problems.append(f"{sub}: unknown key (known: {', '.join(names)})")
-            continue
-        kwargs[key] = _value(value, hints[key], sub, problems)
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.name not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    for m in missing:
-        problems.append(f"{where + '.' if where else ''}{m}: required")
-    if missing:
-        return None
-    try:
-        return cls(**kwargs)
-    except (ConfigError, TypeError, ValueError) as e:
-        problems.append(f"{where}: {e}")
-        return None
+# Loading: pipelines.config (the one mechanism curate, mix and train use) merges a
+# mapping into these groups; each group's `check(where)` adds the cross-field problems.
 
-
-def _defaults(cls) -> bool:
-    return all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-               for f in dataclasses.fields(cls))
-
-
-def _value(value, tp, where: str, problems: list[str]):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _value(value, args[0], where, problems)
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return build(tp, value, where, problems)
-    if origin is list or tp is list:
-        if not isinstance(value, list):
-            problems.append(f"{where}: expected a list, got {value!r}")
-            return []
-        (item,) = typing.get_args(tp) or (object,)
-        return [_value(v, item, f"{where}[{i}]", problems) for i, v in enumerate(value)]
-    if tp is dict:
-        if not isinstance(value, dict):
-            problems.append(f"{where}: expected a mapping, got {value!r}")
-            return {}
-        return dict(value)
-    checks = {int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-              float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
-              bool: (lambda v: isinstance(v, bool), "true or false"),
-              str: (lambda v: isinstance(v, str), "a string")}
-    if tp in checks:
-        ok, what = checks[tp]
-        if not ok(value):
-            problems.append(f"{where}: expected {what}, got {value!r}")
-            return value
-        return float(value) if tp is float else value
-    return value
-
-
-def read_yaml(path: str, what: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise InputError("config file not found", path=path) from None
-    except yaml.YAMLError as e:
-        raise InputError(f"not valid YAML ({e})", path=path) from None
-    if not isinstance(d, dict):
-        raise InputError(f"a {what} config must be a mapping", path=path)
-    return d
+def merge_top(cls, d, problems: list[str]):
+    """`pipelines.config.merge` of a whole pipeline/ablate config. Unknown top-level keys
+    are reported without blocking the groups, so one error names every problem (each
+    group's `check(where)` runs on what merged)."""
+    if isinstance(d, dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        problems += [f"{k}: unknown key (known: {', '.join(sorted(known))})" for k in d if k not in known]
+        d = {k: v for k, v in d.items() if k in known}
+    own: list[str] = []
+    cfg = config.merge(cls, d, "", own)
+    problems += own
+    return cfg
 
 
 def to_dict(obj) -> dict:
