@@ -281,8 +281,9 @@ def test_rejects_carry_the_tables_uid(tmp_path):
     """A mix table with a `uid` column (source:row) names it in the rejects."""
     rows = fx.mix_rows(3, 1)
     rows[0]["conversations"][1]["value"] = " "
+    for k, row in enumerate(rows):
+        row["uid"] = f"llava:{k}"
     table = pa.Table.from_pylist(rows, schema=schemas.MIX)
-    table = table.append_column("uid", pa.array([f"llava:{k}" for k in range(4)]))
     storage.write_table(table, str(tmp_path / "mix.parquet"))
     manifest.write(str(tmp_path / "manifest.json"), {"mix": str(tmp_path / "mix.parquet")},
                    images={"mix": fx.write_images(str(tmp_path), 3)})
