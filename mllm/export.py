@@ -52,14 +52,30 @@ def quiet_hf():
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def staged_folder(folder: str):
+    """A temporary sibling of `folder` to write a model into; renamed over `folder` when
+    the block succeeds, removed when it fails (a killed export leaves no half folder
+    under the final name)."""
+    folder = os.path.abspath(folder)
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(folder)}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        if os.path.exists(folder):
+            shutil.rmtree(folder)
+        os.rename(tmp, folder)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+
+
 def save(vlm: VLM, tokenizer, cfg: Config, template: str, folder: str,
          image_aspect: str = "pad", model_cfg: ModelConfig | None = None) -> str:
     """Write the export folder atomically (a temporary sibling renamed into place).
     `model_cfg` describes `vlm` (default: cfg.model)."""
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(folder)}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with staged_folder(folder) as tmp:
         with quiet_hf():
             vlm.vision.model.save_pretrained(os.path.join(tmp, "vision"))
             vlm.language_model.save_pretrained(os.path.join(tmp, "language_model"))
@@ -73,12 +89,6 @@ def save(vlm: VLM, tokenizer, cfg: Config, template: str, folder: str,
             json.dump(meta, f, indent=2, sort_keys=True)
         with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-        if os.path.exists(folder):
-            shutil.rmtree(folder)
-        os.rename(tmp, folder)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
     return folder
 
 

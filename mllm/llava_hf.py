@@ -32,8 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import uuid
 
 import torch
 
@@ -269,7 +267,7 @@ def save(vlm, tokenizer, template, folder: str, image_aspect: str, model_cfg: Mo
     from transformers import GenerationConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     from mllm import lineage
-    from mllm.export import quiet_hf
+    from mllm.export import quiet_hf, staged_folder
     check(vlm, model_cfg, drop_head_bias)
     if os.path.isdir(folder) and os.listdir(folder) and not is_folder(folder):
         raise ConfigError(f"{folder} exists and holds files that are not a Llava export: "
@@ -296,10 +294,7 @@ def save(vlm, tokenizer, template, folder: str, image_aspect: str, model_cfg: Mo
     dropped = 0.0 if head_bias is None else float(head_bias.detach().abs().max())
 
     folder = os.path.abspath(folder)
-    parent = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(folder)}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with staged_folder(folder) as tmp:
         with quiet_hf():
             llava.save_pretrained(tmp)
             processor.save_pretrained(tmp)
@@ -316,12 +311,6 @@ def save(vlm, tokenizer, template, folder: str, image_aspect: str, model_cfg: Mo
                                "vision_feature_layer": vlm.vision.select_layer,
                                "image_tokens": vlm.num_image_tokens,
                                "head_bias_dropped": dropped})
-        if os.path.exists(folder):
-            shutil.rmtree(folder)
-        os.rename(tmp, folder)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
     return folder
 
 
