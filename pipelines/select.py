@@ -28,15 +28,24 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import bands, cluster, dedup, manifest, schemas, storage
-from pipelines.errors import ConfigError, InputError, WarrenError
+from pipelines import bands, cluster, dedup, manifest, runkey, schemas, storage
+from pipelines.errors import ConfigError, InputError, OutputError, WarrenError, setting
 from pipelines.readers import EmbeddingSource, open_source, row_flags, to_float16
 
 log = logging.getLogger(__name__)
 
 WORK = "_work"
 REASONS = {1: "wrong_dim", 2: "nan_embedding", 3: "zero_embedding",
-           4: "nan_text_embedding", 5: "zero_text_embedding"}
+           4: "nan_text_embedding", 5: "zero_text_embedding",
+           6: "bad_caption", 7: "bad_url", 8: "bad_text"}
+CODES = {v: k for k, v in REASONS.items()}
+# What a selection writes into its --output folder: a restart deletes these and nothing
+# else (curate keeps its download and embed work in the same `_work` folder).
+OUTPUTS = ("coreset.parquet", "rejects.parquet", "centroids.npy", "stats.json",
+           "manifest.json", "report.html")
+WORK_ENTRIES = ("plan.json", "shards.json", "centroids.npz", "valid", "rejects", "assign",
+                "dedup", "finish")
+STAGES = ("validate", "train", "assign", "dedup", "link", "finish")
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,19 @@ def _plan(out: str) -> dict:
     return storage.read_json(_w(out, "plan.json"))
 
 
+def _hint(path: str, value: str) -> str:
+    """A setting with its value as the user types it (`--clip-band none` or
+    `--set select.clip_band=none`)."""
+    s = setting(path)
+    return s + value if s.endswith("=") else f"{s} {value}"
+
+
+def _input_key(source_dir: str) -> dict:
+    """The input's fingerprint (file list, sizes, mtimes) under one fixed key, so the same
+    folder named another way (relative, trailing slash) is the same input."""
+    return {"input": next(iter(runkey.fingerprint([str(source_dir)]).values()))}
+
+
 def _source(cfg: SelectConfig, src: str) -> EmbeddingSource:
     return open_source(src, cfg.uid_column)
 
@@ -149,39 +171,74 @@ def _rejects(uids, stage: str, reasons, kept=None) -> pa.Table:
 
 
 # -- stages --------------------------------------------------------------------------
-def plan(cfg: SelectConfig, source_dir: str, output_dir: str) -> dict:
-    """Open and check the source, fix k and the bucket count, record them.
+def plan(cfg: SelectConfig, source_dir: str, output_dir: str, *, restart: bool = False) -> dict:
+    """Open and check the source, fix k and the bucket count, record them with the
+    input's fingerprint.
 
-    A rerun into a folder that holds another config's run is refused rather than mixed."""
+    A rerun into a folder that holds a run of another config or another input is
+    refused in one line naming what changed; `restart` deletes that run (only the files
+    a selection writes) and starts over."""
+    _check_output(source_dir, output_dir)
+    fp = _input_key(source_dir)
+    if restart:
+        clear(output_dir)
+    path = _w(output_dir, "plan.json")
+    old = storage.read_json(path) if storage.exists(path) else None
+    if old is not None:
+        cfg_now = json.loads(json.dumps(cfg.to_dict()))
+        if old.get("config") != cfg_now:
+            diff = sorted(k for k in set(cfg_now) | set(old.get("config") or {})
+                          if (old.get("config") or {}).get(k) != cfg_now.get(k))
+            raise ConfigError(f"{output_dir} holds a run with another config (differs in "
+                              f"{', '.join(diff)}); pass --restart to start over, or choose "
+                              "another output folder", source="select")
+        runkey.check_same(old.get("input"), fp, str(output_dir))
     src = _source(cfg, source_dir)
     if cfg.clip_band is not None and not src.has_text:
         raise ConfigError("the clip-score band needs text embeddings and the source has none "
-                          "(no text_emb/ or txt_emb column): pass --clip-band none",
+                          f"(no text_emb/ or txt_emb column): pass {_hint('select.clip_band', 'none')}",
                           source=source_dir)
     k = cfg.k or max(1, int(round(src.rows / cfg.avg_cluster)))
     p = {"source": str(source_dir), "layout": src.layout, "shards": len(src.shards),
          "rows": src.rows, "dim": src.dim, "has_text": src.has_text, "k": k,
          "buckets": min(k, cfg.buckets or 64),
-         "config": json.loads(json.dumps(cfg.to_dict()))}
-    path = _w(output_dir, "plan.json")
-    _remove_stale_temporaries(output_dir)
-    if storage.exists(path):
-        old = storage.read_json(path)
-        if old.get("config") != p["config"] or old.get("rows") != p["rows"]:
-            raise ConfigError(f"{output_dir} holds a run with another config or input; "
-                              "use a new --output folder or delete it", source="select")
+         "config": json.loads(json.dumps(cfg.to_dict())), "input": fp}
+    storage.remove_temporaries(_w(output_dir))
+    if old is not None:
+        if old.get("rows") != p["rows"]:    # an old plan without a fingerprint
+            raise ConfigError(f"{output_dir} holds a run of {old.get('rows')} input rows, not "
+                              f"{p['rows']}; pass --restart to start over", source="select")
         return old
     storage.write_json(path, p)
     return p
 
 
-def _remove_stale_temporaries(output_dir: str) -> None:
-    """A killed run can leave hidden `.name.tmp-*` files; they are never final outputs."""
+def _check_output(source_dir: str, output_dir: str) -> None:
+    """The output folder must be a folder, apart from the input: written into the input
+    (centroids.npy in img_emb/) it would break that input for every later run. The one
+    input a run may hold is the embedding folder it made itself (curate's URL mode)."""
+    own = storage.join(output_dir, "embeddings")
+    if os.path.normpath(str(source_dir)) != os.path.normpath(own):
+        runkey.check_apart(str(output_dir), [str(source_dir)])
     fs, p = storage.filesystem(output_dir)
-    if fs.exists(p):
-        for f in fs.find(p):
-            if ".tmp-" in f.rsplit("/", 1)[-1]:
-                fs.rm(f)
+    if fs.exists(p) and not fs.isdir(p):
+        raise OutputError(str(output_dir), "it is a file, not a folder")
+    storage.makedirs(output_dir)
+
+
+def clear(output_dir: str) -> None:
+    """Delete a selection's outputs and work files in `output_dir` (nothing else)."""
+    fs, p = storage.filesystem(output_dir)
+    if not fs.isdir(p):
+        return
+    targets = [storage.join(p, n) for n in OUTPUTS] + [storage.join(p, WORK, n) for n in WORK_ENTRIES]
+    done = storage.join(p, WORK, storage.COMPLETIONS)
+    if fs.isdir(done):
+        targets += [f for f in fs.ls(done, detail=False)
+                    if f.rsplit("/", 1)[-1].split("-", 1)[0].removesuffix(".json") in STAGES]
+    for t in targets:
+        if fs.exists(t):
+            fs.rm(t, recursive=True)
 
 
 def stage_validate(cfg: SelectConfig, source_dir: str, output_dir: str, shard: int) -> dict:
@@ -206,6 +263,8 @@ def stage_validate(cfg: SelectConfig, source_dir: str, output_dir: str, shard: i
             c[(c == 0) & ~fin] = 4
             c[(c == 0) & ~nonzero] = 5
         code[s:e] = c
+    for reason, rows in src.bad_text(sh).items():
+        code[rows[code[rows] == 0]] = CODES[reason]
     ok = code == 0
     rows = np.flatnonzero(ok)
     good = uids.take(rows)
@@ -214,7 +273,7 @@ def stage_validate(cfg: SelectConfig, source_dir: str, output_dir: str, shard: i
     storage.write_table(valid, _w(output_dir, "valid", f"s{shard:05d}.parquet"))
     bad = np.flatnonzero(~ok)
     rej = _rejects(uids.take(bad), "validate",
-                   _by_code([REASONS.get(i) for i in range(6)], code[bad]))
+                   _by_code([REASONS.get(i) for i in range(max(REASONS) + 1)], code[bad]))
     storage.write_table(rej, _w(output_dir, "rejects", f"validate-s{shard:05d}.parquet"),
                         schemas.REJECTS)
     counts = {REASONS[int(c)]: int((code == c).sum()) for c in np.unique(code[bad])}
@@ -258,13 +317,13 @@ def stage_train(cfg: SelectConfig, source_dir: str, output_dir: str) -> dict:
     n_valid = sum(t.num_rows for t in tables)
     k = p["k"]
     if n_valid < k:
-        raise InputError(f"only {n_valid} valid rows for k={k} clusters; lower --k",
-                         path=source_dir)
+        raise InputError(f"only {n_valid} valid rows for k={k} clusters; lower "
+                         f"{setting('select.k')}", path=source_dir)
     size = min(n_valid, cfg.train_sample or max(50_000, 64 * k))
     # The sample is the rows with the smallest seeded uid hash: independent of sharding.
     keys = [bands.mix(t.column("hash").to_numpy().view(np.uint64), cfg.seed) for t in tables]
     cut = np.sort(np.concatenate(keys))[size - 1]
-    parts, part_keys = [], []
+    parts, part_keys, part_uids = [], [], []
     for s, (t, key) in enumerate(zip(tables, keys)):
         pick = np.flatnonzero(key <= cut)
         if not len(pick):
@@ -274,8 +333,15 @@ def stage_train(cfg: SelectConfig, source_dir: str, output_dir: str) -> dict:
         batch = next(src.batches(src.shards[s], rows=rows[order]))
         parts.append(cluster.unit(batch.img))
         part_keys.append(key[pick][order])
+        part_uids.append(_strings(t.column("uid")).take(pa.array(pick[order])))
     x = np.concatenate(parts)
-    x = x[np.argsort(np.concatenate(part_keys), kind="stable")]
+    # sample order: by key, ties (colliding 64-bit hashes) by uid, so it does not depend
+    # on the sharding
+    key = np.concatenate(part_keys)
+    order = np.argsort(key, kind="stable")
+    sk = key[order]
+    order = bands._ties_by_uid(order, sk[1:] == sk[:-1], pa.concat_arrays(part_uids))
+    x = x[order]
     two = cfg.two_level == "on" or (cfg.two_level == "auto" and k > cfg.flat_max_k)
     t0 = time.perf_counter()
     cents = cluster.train(x, k, seed=cfg.seed, niter=cfg.niter, two_level=two, nprobe=cfg.nprobe)
@@ -449,6 +515,8 @@ def stage_finish(cfg: SelectConfig, source_dir: str, output_dir: str,
     """Chained bands, seeded sample, then coreset.parquet, rejects.parquet, centroids.npy,
     stats.json and manifest.json. Checks that every input uid lands in exactly one table."""
     p = _plan(output_dir)
+    # the input must still be the one the run was planned on: the manifest names it
+    runkey.check_same(p.get("input"), _input_key(source_dir), str(output_dir))
     src = _source(cfg, source_dir)
     surv = pa.concat_tables([storage.read_table(f) for f in
                              storage.listdir(_w(output_dir, "dedup"), "b*.parquet")]
@@ -499,7 +567,9 @@ def stage_finish(cfg: SelectConfig, source_dir: str, output_dir: str,
     manifest.write(storage.join(base, "manifest.json"),
                    {"coreset": storage.join(base, "coreset.parquet"),
                     "rejects": storage.join(base, "rejects.parquet")},
-                   config={"select": cfg.to_dict(), "source": str(source_dir)})
+                   config={"select": cfg.to_dict(), "source": str(source_dir),
+                           "input": {k: {f: v[f] for f in ("files", "bytes", "digest")}
+                                     for k, v in (p.get("input") or _input_key(source_dir)).items()}})
     return stats
 
 
@@ -515,9 +585,12 @@ def _coreset_table(src: EmbeddingSource, kept: pa.Table, uid_col: str) -> pa.Tab
         order = np.argsort(rows_here)
         m = meta.take(pa.array(rows_here[order]))
         k = kept.take(pa.array(sel[order]))
+        # url and caption may be bytes in some shards; the kept rows' are valid UTF-8
+        # (validate rejected the others)
         cols = {"uid": k.column("uid"),
-                "url": m.column("url") if "url" in m.column_names else pa.nulls(len(sel), pa.string()),
-                "caption": m.column("caption") if "caption" in m.column_names
+                "url": m.column("url").cast(pa.string()) if "url" in m.column_names
+                else pa.nulls(len(sel), pa.string()),
+                "caption": m.column("caption").cast(pa.string()) if "caption" in m.column_names
                 else pa.nulls(len(sel), pa.string()),
                 "cluster": k.column("cluster"), "clip_score": k.column("clip_score"),
                 "centroid_cos": k.column("centroid_cos")}
@@ -535,12 +608,19 @@ def _coreset_table(src: EmbeddingSource, kept: pa.Table, uid_col: str) -> pa.Tab
 
 
 def _check_accounting(coreset: pa.Table, rejects: pa.Table, expected: int) -> None:
-    """Every input row is in exactly one table: counts add up and no uid appears twice
-    (checked on 64-bit uid hashes, which keeps it cheap at any scale)."""
+    """Every input row is in exactly one table: counts add up and no uid appears twice.
+    Checked on 64-bit uid hashes, and on the uid strings of the rows whose hashes
+    collide (at LAION-2B's 2.3B rows some pair collides with ~14 % odds)."""
     n = coreset.num_rows + rejects.num_rows
-    h = np.concatenate([bands.uid_hash_arrow(coreset.column("uid")),
-                        bands.uid_hash_arrow(rejects.column("uid"))])
-    if n != expected or len(np.unique(h)) != n:
+    uids = pa.concat_arrays([_strings(coreset.column("uid")), _strings(rejects.column("uid"))])
+    h = bands.uid_hash_arrow(uids)
+    vals, counts = np.unique(h, return_counts=True)
+    twice = False
+    if (counts > 1).any():
+        rows = np.flatnonzero(np.isin(h, vals[counts > 1]))
+        u = uids.take(pa.array(rows))
+        twice = pc.count_distinct(u).as_py() != len(u)
+    if n != expected or twice:
         raise WarrenError(f"accounting broken: {coreset.num_rows} kept + {rejects.num_rows} "
                           f"rejected != {expected} input rows (or a uid is in both); this is a bug")
 
@@ -592,8 +672,9 @@ def release_memory(collect: bool = True) -> None:
 
 
 def run(cfg: SelectConfig, source_dir: str, output_dir: str, progress: bool = True,
-        extra_rejects: Sequence[str] = ()) -> dict:
-    """All stages in this process, in order; resumes a killed run in the same folder."""
+        extra_rejects: Sequence[str] = (), *, restart: bool = False) -> dict:
+    """All stages in this process, in order; resumes a killed run in the same folder
+    (`restart`: deletes that run first)."""
     from tqdm import tqdm
 
     def steps(desc, n):
@@ -610,7 +691,7 @@ def run(cfg: SelectConfig, source_dir: str, output_dir: str, progress: bool = Tr
                 job.result()
 
     t0 = time.perf_counter()
-    p = plan(cfg, source_dir, output_dir)
+    p = plan(cfg, source_dir, output_dir, restart=restart)
     timings, peaks = {}, {}
     s = time.perf_counter()
     each_shard("validate shard", stage_validate)

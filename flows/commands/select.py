@@ -31,6 +31,9 @@ def add_arguments(p) -> None:
     p.add_argument("--method", choices=["int8", "float32", "baseline"], default="int8",
                    help="pairwise step; all give the exact graph (baseline: the plain "
                         "float32 X @ X.T per cluster, for benchmarks)")
+    p.add_argument("--restart", action="store_true",
+                   help="delete the run in --output (its selection files only) and start over; "
+                        "without it a rerun resumes, and refuses when the input or config changed")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -47,7 +50,8 @@ def run(args) -> int:
         two_level=args.two_level, method=args.method)
     if args.policy == "semdedup" and args.keep == "middle":
         cfg = select.SelectConfig(**{**cfg.to_dict(), "keep": "far"})
-    stats = select.run(cfg, args.input, args.output, progress=not args.quiet)
+    stats = select.run(cfg, args.input, args.output, progress=not args.quiet,
+                       restart=args.restart)
     try:
         from pipelines import report
         select.release_memory()
