@@ -11,6 +11,7 @@ the validate stage's job, which turns bad rows into rejects).
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import re
@@ -19,6 +20,7 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.ipc  # noqa: F401 (pa.ipc)
 import pyarrow.parquet as pq
 
 from pipelines import storage
@@ -70,6 +72,25 @@ class EmbeddingSource:
     @property
     def rows(self) -> int:
         return sum(s.rows for s in self.shards)
+
+    # -- a record of the opened source, so each task reopens it without a listing ------
+    def to_record(self) -> dict:
+        return {"root": self.root, "uid_column": self.uid_column, "layout": self.layout,
+                "dim": self.dim, "has_text": self.has_text,
+                "shards": [[s.meta, s.img, s.txt, s.rows] for s in self.shards],
+                "columns": base64.b64encode(self.columns.serialize().to_pybytes()).decode()}
+
+    @classmethod
+    def from_record(cls, rec: dict) -> "EmbeddingSource":
+        """The source as `to_record` saw it (no file is opened): per-shard and per-bucket
+        tasks at LAION's 2,300 shards must not each list and open every shard."""
+        self = cls.__new__(cls)
+        self.root, self.uid_column, self.layout = rec["root"], rec["uid_column"], rec["layout"]
+        self.dim, self.has_text = rec["dim"], rec["has_text"]
+        self.shards = [Shard(i, rows, meta, img, txt)
+                       for i, (meta, img, txt, rows) in enumerate(rec["shards"])]
+        self.columns = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(rec["columns"])))
+        return self
 
     # -- layout detection -------------------------------------------------------------
     def _open_laion(self):

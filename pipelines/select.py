@@ -11,7 +11,6 @@ runner; `run` calls them in order in this process.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
 import gc
@@ -28,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import bands, cluster, dedup, manifest, runkey, schemas, storage
+from pipelines import bands, cluster, dedup, manifest, merge, ranks, runkey, schemas, shuffle, storage
 from pipelines.errors import ConfigError, InputError, OutputError, WarrenError, setting
 from pipelines.readers import EmbeddingSource, open_source, row_flags, to_float16
 
@@ -148,6 +147,19 @@ def _source(cfg: SelectConfig, src: str) -> EmbeddingSource:
     return open_source(src, cfg.uid_column)
 
 
+def _src(output_dir: str) -> EmbeddingSource:
+    """The source as the plan opened it: a task reads one small record instead of
+    listing and opening every shard (2,300 at LAION-2B, for each of thousands of tasks)."""
+    return EmbeddingSource.from_record(storage.read_json(_w(output_dir, "shards.json")))
+
+
+def _carried(src: EmbeddingSource) -> pa.Schema:
+    """Metadata columns that follow the coreset's fixed head, in order of first
+    appearance over the shards (nullable, as a column built from data is)."""
+    head = set(schemas.CORESET.names) | {src.uid_column}
+    return pa.schema([pa.field(f.name, f.type, True) for f in src.columns if f.name not in head])
+
+
 def _strings(values) -> pa.Array:
     if isinstance(values, pa.ChunkedArray):
         return values.combine_chunks()
@@ -208,7 +220,10 @@ def plan(cfg: SelectConfig, source_dir: str, output_dir: str, *, restart: bool =
         if old.get("rows") != p["rows"]:    # an old plan without a fingerprint
             raise ConfigError(f"{output_dir} holds a run of {old.get('rows')} input rows, not "
                               f"{p['rows']}; pass --restart to start over", source="select")
+        if not storage.exists(_w(output_dir, "shards.json")):
+            storage.write_json(_w(output_dir, "shards.json"), src.to_record())
         return old
+    storage.write_json(_w(output_dir, "shards.json"), src.to_record())
     storage.write_json(path, p)
     return p
 
@@ -246,7 +261,7 @@ def stage_validate(cfg: SelectConfig, source_dir: str, output_dir: str, shard: i
     name = f"validate-{shard:05d}"
     if storage.is_done(_w(output_dir), name):
         return storage.done_info(_w(output_dir), name)
-    src = _source(cfg, source_dir)
+    src = _src(output_dir)
     sh = src.shards[shard]
     uids = src.uids(sh)
     code = np.zeros(sh.rows, np.int8)
@@ -274,6 +289,8 @@ def stage_validate(cfg: SelectConfig, source_dir: str, output_dir: str, shard: i
     bad = np.flatnonzero(~ok)
     rej = _rejects(uids.take(bad), "validate",
                    _by_code([REASONS.get(i) for i in range(max(REASONS) + 1)], code[bad]))
+    # sorted by uid: a run of the finish stage's merge
+    rej = rej.take(pc.sort_indices(rej, [("uid", "ascending")]))
     storage.write_table(rej, _w(output_dir, "rejects", f"validate-s{shard:05d}.parquet"),
                         schemas.REJECTS)
     counts = {REASONS[int(c)]: int((code == c).sum()) for c in np.unique(code[bad])}
@@ -311,7 +328,7 @@ def stage_train(cfg: SelectConfig, source_dir: str, output_dir: str) -> dict:
     if storage.is_done(_w(output_dir), name):
         return storage.done_info(_w(output_dir), name)
     p = _plan(output_dir)
-    src = _source(cfg, source_dir)
+    src = _src(output_dir)
     tables = _valid_tables(output_dir, p["shards"])
     _check_unique(tables, src)
     n_valid = sum(t.num_rows for t in tables)
@@ -353,34 +370,27 @@ def stage_train(cfg: SelectConfig, source_dir: str, output_dir: str) -> dict:
 
 
 def stage_assign(cfg: SelectConfig, source_dir: str, output_dir: str, shard: int) -> dict:
-    """Nearest centroid, centroid cosine and clip score per valid row; rows and their
-    normalised vectors go to one part per cluster bucket (streamed, bounded memory)."""
+    """Nearest centroid, centroid cosine and clip score per valid row. The rows (with
+    their metadata, so the finish needs no join) and their normalised float16 vectors go
+    to ONE file per shard, in batches per cluster bucket (pipelines/shuffle.py)."""
     name = f"assign-{shard:05d}"
     if storage.is_done(_w(output_dir), name):
         return storage.done_info(_w(output_dir), name)
     p = _plan(output_dir)
-    src = _source(cfg, source_dir)
+    src = _src(output_dir)
     sh = src.shards[shard]
     valid = storage.read_table(_w(output_dir, "valid", f"s{shard:05d}.parquet"))
     vrows = valid.column("row").to_numpy()
     vuids = _strings(valid.column("uid"))
     vhash = valid.column("hash").to_numpy()
+    meta = _metadata(src, sh, vrows)
     cents = cluster.Centroids.load(_w(output_dir, "centroids.npz"))
     index = cents.index()
     nb = p["buckets"]
     counts = np.zeros(nb, np.int64)
-    with contextlib.ExitStack() as stack:
-        writers: dict[int, tuple] = {}
-
-        def writer(b: int):
-            if b not in writers:
-                base = _w(output_dir, "assign", f"b{b:05d}", f"s{shard:05d}")
-                fmeta = stack.enter_context(storage.atomic_open(base + ".parquet"))
-                fvec = stack.enter_context(storage.atomic_open(base + ".f16"))
-                pw = stack.enter_context(pq.ParquetWriter(fmeta, schemas.ASSIGNMENTS))
-                writers[b] = (pw, fvec)
-            return writers[b]
-
+    schema = schemas.survivors(_carried(src))
+    out = shuffle.ShardWriter(_w(output_dir, "assign", f"s{shard:05d}.arrow"), schema, p["dim"])
+    try:
         for batch in src.batches(sh, cfg.batch_rows):
             lo, hi = np.searchsorted(vrows, [batch.start, batch.start + len(batch.img)])
             if lo == hi:
@@ -395,7 +405,7 @@ def stage_assign(cfg: SelectConfig, source_dir: str, output_dir: str, shard: int
                 clip = np.einsum("ij,ij->i", img, cluster.unit(txt, out=txt)).astype(np.float32)
             else:
                 clip = np.full(len(local), np.nan, np.float32)
-            # rows grouped by bucket once, then each bucket's part is a slice
+            # rows grouped by bucket once, then each bucket's rows are a slice
             bucket = lab % nb
             order = np.argsort(bucket, kind="stable")
             img16 = to_float16(img[order])
@@ -403,18 +413,52 @@ def stage_assign(cfg: SelectConfig, source_dir: str, output_dir: str, shard: int
                     "shard": np.full(len(order), shard, np.int32), "row": vrows[lo:hi][order],
                     "cluster": lab[order], "centroid_cos": cos[order], "clip_score": clip[order],
                     "uid_hash": vhash[lo:hi][order]}
+            t = pa.table(cols)
+            m = meta.slice(lo, hi - lo).take(pa.array(order))
+            for f in m.column_names:
+                t = t.append_column(f, m.column(f))
             sb = bucket[order]
             cuts = np.flatnonzero(np.r_[True, sb[1:] != sb[:-1], True])
-            for s, e in zip(cuts[:-1], cuts[1:]):
-                b = int(sb[s])
-                pw, fvec = writer(b)
-                pw.write_table(pa.table({k: v[s:e] for k, v in cols.items()},
-                                        schema=schemas.ASSIGNMENTS))
-                fvec.write(img16[s:e].tobytes())
-                counts[b] += int(e - s)
-    info = {"shard": shard, "rows": int(len(vrows)), "buckets_written": int((counts > 0).sum())}
+            for s0, e0 in zip(cuts[:-1], cuts[1:]):
+                b = int(sb[s0])
+                out.add(b, t.slice(s0, e0 - s0), img16[s0:e0])
+                counts[b] += int(e0 - s0)
+        runs = out.close()
+    except BaseException as e:
+        out.abort(e)
+        raise
+    info = {"shard": shard, "rows": int(len(vrows)), "buckets_written": int((counts > 0).sum()),
+            "runs": runs}
     storage.mark_done(_w(output_dir), name, info)
     return info
+
+
+def _metadata(src: EmbeddingSource, sh, rows: np.ndarray) -> pa.Table:
+    """url, caption and the carried columns of the given rows, in the carried schema
+    (text as strings: the rows are valid UTF-8; a column the shard lacks is null)."""
+    carried = _carried(src)
+    want = ["url", "caption"] + carried.names
+    present = _shard_columns(sh)
+    have = [c for c in want if c in present]
+    m = src.metadata(sh, columns=have).take(pa.array(rows)) if have else None
+    n = len(rows)
+    cols = {}
+    for f in list(schemas.survivors(carried))[len(schemas.ASSIGNMENTS):]:
+        if m is not None and f.name in m.column_names:
+            cols[f.name] = m.column(f.name).combine_chunks().cast(f.type)
+        else:
+            cols[f.name] = pa.nulls(n, f.type)
+    return pa.table(cols)
+
+
+def _shard_columns(sh) -> set[str]:
+    fs, p = storage.filesystem(sh.meta)
+    with fs.open(p, "rb") as f:
+        return set(pq.ParquetFile(f).schema_arrow.names)
+
+
+DEDUP_BUDGET = 1 << 30     # bytes of float16 vectors gathered at once (a group of clusters)
+TOP_GROUPS, GROUP_MEMBERS = 8, 5   # duplicate groups the report shows, members of each
 
 
 def stage_dedup(cfg: SelectConfig, source_dir: str, output_dir: str, bucket: int) -> dict:
@@ -424,12 +468,16 @@ def stage_dedup(cfg: SelectConfig, source_dir: str, output_dir: str, bucket: int
         return storage.done_info(_w(output_dir), name)
     p = _plan(output_dir)
     d = p["dim"]
-    parts = storage.listdir(_w(output_dir, "assign", f"b{bucket:05d}"), "s*.parquet")
-    tables = [storage.read_table(part) for part in parts]
-    vectors = _PartVectors([part[:-len(".parquet")] + ".f16" for part in parts],
-                           [t.num_rows for t in tables], d)
+    paths = [_w(output_dir, "assign", f"s{s:05d}.arrow") for s in range(p["shards"])]
+    for s in range(p["shards"]):      # a bucket holds rows of every shard
+        if not storage.is_done(_w(output_dir), f"assign-{s:05d}"):
+            raise WarrenError(f"dedup of bucket {bucket} needs every shard assigned; shard {s} "
+                              "is not (run the assign stage first)")
+    runs = [storage.done_info(_w(output_dir), f"assign-{s:05d}")["runs"] for s in range(p["shards"])]
+    bk = shuffle.Bucket(paths, runs, bucket)
+    src_schema = schemas.survivors(_carried(_src(output_dir)))
+    t = bk.table if bk.table is not None else src_schema.empty_table()
     st = dedup.PairStats()
-    t = pa.concat_tables(tables) if tables else schemas.ASSIGNMENTS.empty_table()
     uid_col = _strings(t.column("uid"))
     cl = t.column("cluster").to_numpy()
     cos = t.column("centroid_cos").to_numpy()
@@ -440,212 +488,319 @@ def stage_dedup(cfg: SelectConfig, source_dir: str, output_dir: str, bucket: int
     rank = np.empty(len(order), np.int64)
     rank[order] = np.arange(len(order))
     kept = np.arange(len(order))
-    starts = np.flatnonzero(np.r_[True, cl[order][1:] != cl[order][:-1]]) if len(order) else []
+    starts = np.flatnonzero(np.r_[True, cl[order][1:] != cl[order][:-1]]) if len(order) else \
+        np.zeros(0, np.int64)
+    ends = np.r_[starts[1:], len(order)].astype(np.int64)
     t0 = time.perf_counter()
-    largest = 0
-    for s, e in zip(starts, list(starts[1:]) + [len(order)]):
-        idx = order[s:e]
-        largest = max(largest, len(idx))
-        if cfg.policy == "bunny":
-            x = vectors.rows(idx)
-            lab = dedup.components(x, cfg.threshold, cfg.block, cfg.method, st)
-            # `random` hashes the component's smallest uid, so it needs the strings
-            names = (np.asarray(uid_col.take(idx).to_pylist(), dtype=object)
-                     if cfg.keep == "random" else rank[idx])
-            k_local = dedup.choose(lab, cos[idx], names, cfg.keep, cfg.seed)
-        else:
-            eps = cfg.eps if cfg.eps is not None else 1.0 - cfg.threshold
-            k_local = dedup.semdedup(vectors.rows(idx), cos[idx], rank[idx], eps, cfg.keep,
-                                     cfg.block, st)
-        kept[idx] = idx[k_local]
+    largest = int((ends - starts).max()) if len(starts) else 0
+    # clusters in groups of about DEDUP_BUDGET bytes of vectors: one pass over the shard
+    # files per group (a single bigger cluster is a group of its own)
+    per_row = 2 * d
+    g0 = 0
+    while g0 < len(starts):
+        g1 = g0 + 1
+        while g1 < len(starts) and (ends[g1] - starts[g0]) * per_row <= DEDUP_BUDGET:
+            g1 += 1
+        base = starts[g0]
+        vecs = bk.vectors(order[base:ends[g1 - 1]], d)
+        for s0, e0 in zip(starts[g0:g1], ends[g0:g1]):
+            idx = order[s0:e0]
+            x = vecs[s0 - base:e0 - base]
+            if cfg.policy == "bunny":
+                lab = dedup.components(x, cfg.threshold, cfg.block, cfg.method, st)
+                # `random` hashes the component's smallest uid, so it needs the strings
+                names = (np.asarray(uid_col.take(idx).to_pylist(), dtype=object)
+                         if cfg.keep == "random" else rank[idx])
+                k_local = dedup.choose(lab, cos[idx], names, cfg.keep, cfg.seed)
+            else:
+                eps = cfg.eps if cfg.eps is not None else 1.0 - cfg.threshold
+                k_local = dedup.semdedup(x, cos[idx], rank[idx], eps, cfg.keep, cfg.block, st)
+            kept[idx] = idx[k_local]
+        del vecs
+        g0 = g1
     seconds = time.perf_counter() - t0
     survive = kept == np.arange(len(order))
-    storage.write_table(t.filter(pa.array(survive)),
-                        _w(output_dir, "dedup", f"b{bucket:05d}.parquet"), schemas.ASSIGNMENTS)
+    surv = t.filter(pa.array(survive))
+    surv = surv.take(pc.sort_indices(surv, [("uid", "ascending")]))     # a run of the merge
+    storage.write_table(surv, _w(output_dir, "dedup", f"b{bucket:05d}.parquet"), src_schema)
     drop = np.flatnonzero(~survive)
-    storage.write_table(_rejects(uid_col.take(drop), "dedup", "duplicate", uid_col.take(kept[drop])),
-                        _w(output_dir, "rejects", f"dedup-b{bucket:05d}.parquet"), schemas.REJECTS)
+    rej = _rejects(uid_col.take(drop), "dedup", "duplicate", uid_col.take(kept[drop]))
+    rej = rej.take(pc.sort_indices(rej, [("uid", "ascending")]))
+    storage.write_table(rej, _w(output_dir, "rejects", f"dedup-b{bucket:05d}.parquet"),
+                        schemas.REJECTS)
+    ids, sizes = np.unique(cl, return_counts=True)
     info = {"bucket": bucket, "rows": int(len(order)), "kept": int(survive.sum()),
             "largest_cluster": int(largest), "seconds": round(seconds, 4),
-            **dataclasses.asdict(st)}
+            **dataclasses.asdict(st), "clusters": [ids.tolist(), sizes.tolist()],
+            **_top_groups(kept, drop, uid_col)}
     storage.mark_done(_w(output_dir), name, info)
     return info
 
 
-class _PartVectors:
-    """The float16 vectors of one bucket's parts, read a cluster at a time: local parts
-    are memory-mapped only while a cluster's rows are copied out, so memory follows the
-    largest cluster, not the bucket (which grows with the input)."""
+def _top_groups(kept: np.ndarray, drop: np.ndarray, uid_col: pa.Array) -> dict:
+    """The largest duplicate groups of a bucket (by rows dropped, then kept uid), with
+    their smallest dropped uids: what the report shows, without reading the rejects."""
+    if not len(drop):
+        return {"groups": 0, "dropped": 0, "top_groups": []}
+    heads, count = np.unique(kept[drop], return_counts=True)
+    cut = np.sort(count)[::-1][min(TOP_GROUPS, len(count)) - 1]
+    cand = np.flatnonzero(count >= cut)
+    names = uid_col.take(pa.array(heads[cand])).to_pylist()
+    best = sorted(zip((-count[cand]).tolist(), names, heads[cand].tolist()))[:TOP_GROUPS]
+    top = []
+    for neg, name, head in best:
+        members = uid_col.take(pa.array(drop[kept[drop] == head]))
+        members = members.take(pc.sort_indices(members)).slice(0, GROUP_MEMBERS).to_pylist()
+        top.append({"kept_uid": name, "dropped": -neg, "members": members})
+    return {"groups": int(len(heads)), "dropped": int(len(drop)), "top_groups": top}
 
-    def __init__(self, paths: list[str], rows: list[int], dim: int):
-        self.paths, self.counts, self.dim = paths, rows, dim
-        self.part = np.repeat(np.arange(len(paths)), rows)
-        self.offset = np.concatenate([np.arange(r) for r in rows]) if rows else np.zeros(0, int)
-        self.loaded: dict[int, np.ndarray] = {}
-        local = bool(paths) and storage.is_local(paths[0])   # one bucket folder
-        for i, (path, n) in enumerate(zip(paths, rows)):
-            fs, fp = storage.filesystem(path)
-            if fs.size(fp) != n * dim * 2:
-                raise WarrenError(f"{path}: {fs.size(fp) // (dim * 2)} vectors for {n} rows; "
-                                  "delete its assign completion marker and rerun")
-            if not local:   # no memory map: read each part once
-                with fs.open(fp, "rb") as f:
-                    self.loaded[i] = np.frombuffer(f.read(), np.float16).reshape(n, dim)
 
-    def _open(self, i: int) -> np.ndarray:
-        if i in self.loaded:
-            return self.loaded[i]
-        return np.memmap(storage.filesystem(self.paths[i])[1], np.float16, "r",
-                         shape=(self.counts[i], self.dim))
+# Codes of a dedup survivor in the finish stage (one int8 per row, kept on disk).
+ALIVE, CLIP_ABOVE, CLIP_BELOW, CENT_ABOVE, CENT_BELOW, NOT_SAMPLED = range(6)
+CODE_STAGE = {CLIP_ABOVE: ("clip_band", bands.ABOVE), CLIP_BELOW: ("clip_band", bands.BELOW),
+              CENT_ABOVE: ("centroid_band", bands.ABOVE),
+              CENT_BELOW: ("centroid_band", bands.BELOW), NOT_SAMPLED: ("sample", "not_sampled")}
+HIST_BINS = 60
 
-    def rows(self, idx: np.ndarray) -> np.ndarray:
-        """Rows `idx` of the bucket (in that order), as one float16 array."""
-        out = np.empty((len(idx), self.dim), np.float16)
-        part = self.part[idx]
-        for i in np.unique(part):
-            at = np.flatnonzero(part == i)
-            src = self._open(int(i))
-            out[at] = src[self.offset[idx[at]]]
-            del src          # unmaps: the pages leave this process's resident set
-        return out
+
+class _Survivors:
+    """The dedup survivors, bucket by bucket (files sorted by uid), with each row's
+    finish code in a small file next to it: the finish never holds more than a bucket."""
+
+    def __init__(self, output_dir: str, buckets: int):
+        self.files = [_w(output_dir, "dedup", f"b{b:05d}.parquet") for b in range(buckets)]
+        self.codes = [_w(output_dir, "finish", f"codes-b{b:05d}.npy") for b in range(buckets)]
+        self.rows = [pq.ParquetFile(storage.filesystem(f)[1]).metadata.num_rows
+                     if storage.is_local(f) else storage.read_table(f, ["uid"]).num_rows
+                     for f in self.files]
+        for path, n in zip(self.codes, self.rows):
+            self.save(path, np.zeros(n, np.int8))
+
+    @staticmethod
+    def save(path: str, codes: np.ndarray) -> None:
+        with storage.atomic_open(path) as f:
+            np.save(f, codes)
+
+    @staticmethod
+    def load(path: str) -> np.ndarray:
+        fs, p = storage.filesystem(path)
+        with fs.open(p, "rb") as f:
+            return np.load(f)
+
+    def column(self, b: int, name: str) -> pa.Array:
+        return _strings(storage.read_table(self.files[b], [name]).column(0)) if name == "uid" \
+            else storage.read_table(self.files[b], [name]).column(0).combine_chunks()
+
+    def each(self, columns: list[str]):
+        """(bucket, codes, {column: numpy of the ALIVE rows}, alive row indices, uids_of)."""
+        for b in range(len(self.files)):
+            codes = self.load(self.codes[b])
+            alive = np.flatnonzero(codes == ALIVE)
+            cols = {c: self.column(b, c).to_numpy(zero_copy_only=False)[alive] for c in columns}
+            cache: list = []
+
+            def uids_of(rows, b=b, alive=alive, cache=cache):
+                if not cache:
+                    cache.append(self.column(b, "uid"))
+                return cache[0].take(pa.array(alive[rows]))
+            yield b, codes, cols, alive, uids_of
+
+
+def _band_pass(sv: _Survivors, col: str, rng, above: int, below: int) -> dict:
+    """One chained band over the ALIVE rows, exactly as `bands.band` ranks them (score
+    descending, ties by uid, ranks [floor(lo n), floor(hi n)) kept), without holding
+    them: the two boundary rows by radix selection, then each row compared with them."""
+    n = sum(int((sv.load(c) == ALIVE).sum()) for c in sv.codes)
+    a, b = int(np.floor(rng[0] * n)), int(np.floor(rng[1] * n))
+
+    def chunks():
+        for _, _, cols, _, uids_of in sv.each([col]):
+            yield ranks.score_keys(cols[col]), uids_of
+    lo, hi = ranks.boundaries(chunks, n, [a, b], 32)
+    vmin, vmax = np.inf, -np.inf
+    for bkt, codes, cols, alive, uids_of in sv.each([col]):
+        keys = ranks.score_keys(cols[col])
+        before_lo, before_hi = lo.before(keys, uids_of), hi.before(keys, uids_of)
+        codes[alive[before_lo]] = above
+        codes[alive[~before_hi]] = below
+        sv.save(sv.codes[bkt], codes)
+        v = cols[col][np.isfinite(cols[col])]
+        if len(v):
+            vmin, vmax = min(vmin, float(v.min())), max(vmax, float(v.max()))
+    # a histogram of the band's input (and the span it kept) for the report
+    edges = np.linspace(vmin, vmax, HIST_BINS + 1) if np.isfinite(vmin) else None
+    hist, kmin, kmax = np.zeros(HIST_BINS, np.int64), np.inf, -np.inf
+    for bkt in range(len(sv.files)):
+        codes = sv.load(sv.codes[bkt])
+        rows = np.flatnonzero((codes == ALIVE) | (codes == above) | (codes == below))
+        vals = sv.column(bkt, col).to_numpy(zero_copy_only=False)
+        v = vals[rows]
+        fin = np.isfinite(v)
+        if edges is not None and fin.any():
+            hist += np.histogram(v[fin], bins=edges)[0]
+        k = vals[(codes == ALIVE)]
+        k = k[np.isfinite(k)]
+        if len(k):
+            kmin, kmax = min(kmin, float(k.min())), max(kmax, float(k.max()))
+    return {"in": n, "out": b - a, "ranks": [a, b],
+            "edges": None if edges is None else edges.tolist(), "counts": hist.tolist(),
+            "kept_span": [kmin, kmax] if np.isfinite(kmin) else None}
+
+
+def _sample_pass(sv: _Survivors, target: int | None, seed: int) -> dict:
+    """The `target` rows with the smallest seeded hash (ties by uid), as `bands.sample`."""
+    m = sum(int((sv.load(c) == ALIVE).sum()) for c in sv.codes)
+    if target is None or target >= m:
+        return {"in": m, "out": m}
+
+    def keys_of(cols):
+        return bands.mix(cols["uid_hash"].view(np.uint64), seed)
+
+    def chunks():
+        for _, _, cols, _, uids_of in sv.each(["uid_hash"]):
+            yield keys_of(cols), uids_of
+    (cut,) = ranks.boundaries(chunks, m, [target], 64)
+    for bkt, codes, cols, alive, uids_of in sv.each(["uid_hash"]):
+        codes[alive[~cut.before(keys_of(cols), uids_of)]] = NOT_SAMPLED
+        sv.save(sv.codes[bkt], codes)
+    return {"in": m, "out": target}
 
 
 def stage_finish(cfg: SelectConfig, source_dir: str, output_dir: str,
                  extra_rejects: Sequence[str] = ()) -> dict:
     """Chained bands, seeded sample, then coreset.parquet, rejects.parquet, centroids.npy,
-    stats.json and manifest.json. Checks that every input uid lands in exactly one table."""
+    stats.json and manifest.json. Checks that every input uid lands in exactly one table.
+
+    Streaming: ranks come from radix selection over the per-bucket survivor files
+    (pipelines/ranks.py), and both tables are external merges of per-bucket runs sorted
+    by uid (pipelines/merge.py), so memory does not grow with the row count. The outputs
+    are byte-identical to ranking and sorting everything in memory."""
     p = _plan(output_dir)
     # the input must still be the one the run was planned on: the manifest names it
     runkey.check_same(p.get("input"), _input_key(source_dir), str(output_dir))
-    src = _source(cfg, source_dir)
-    surv = pa.concat_tables([storage.read_table(f) for f in
-                             storage.listdir(_w(output_dir, "dedup"), "b*.parquet")]
-                            or [schemas.ASSIGNMENTS.empty_table()])
-    uids = surv.column("uid")
-    alive = np.ones(surv.num_rows, bool)
-    band_rejects, funnel = [], {}
-    for stage, col, rng in (("clip_band", "clip_score", cfg.clip_band),
-                            ("centroid_band", "centroid_cos", cfg.centroid_band)):
-        n_in = int(alive.sum())
-        if rng is not None:
-            idx = np.flatnonzero(alive)
-            codes = bands.band(surv.column(col).take(idx).to_numpy(), uids.take(idx), *rng)
-            out = idx[codes > 0]
-            band_rejects.append(_rejects(uids.take(out), stage,
-                                         _by_code([None, bands.ABOVE, bands.BELOW], codes[codes > 0])))
-            alive[out] = False
-        funnel[stage] = {"in": n_in, "out": int(alive.sum())}
-    idx = np.flatnonzero(alive)
-    pick = bands.sample(surv.column("uid_hash").take(idx).to_numpy(), uids.take(idx),
-                        cfg.target, cfg.seed)
-    band_rejects.append(_rejects(uids.take(idx[~pick]), "sample", "not_sampled"))
-    alive[idx[~pick]] = False
-    funnel["sample"] = {"in": int(len(idx)), "out": int(alive.sum())}
+    src = _src(output_dir)
+    carried = _carried(src)
+    core_schema, surv_schema = schemas.coreset(carried), schemas.survivors(carried)
+    work = _w(output_dir, "finish")
+    storage.remove_temporaries(work)
+    sv = _Survivors(output_dir, p["buckets"])
+    funnel, band_info = {}, {}
+    for stage, col, rng, above, below in (
+            ("clip_band", "clip_score", cfg.clip_band, CLIP_ABOVE, CLIP_BELOW),
+            ("centroid_band", "centroid_cos", cfg.centroid_band, CENT_ABOVE, CENT_BELOW)):
+        if rng is None:
+            n = sum(int((sv.load(c) == ALIVE).sum()) for c in sv.codes)
+            funnel[stage] = {"in": n, "out": n}
+            continue
+        band_info[stage] = _band_pass(sv, col, rng, above, below)
+        funnel[stage] = {"in": band_info[stage]["in"], "out": band_info[stage]["out"]}
+    funnel["sample"] = _sample_pass(sv, cfg.target, cfg.seed)
 
-    coreset = _coreset_table(src, surv.filter(pa.array(alive)), cfg.uid_column)
-    storage.write_table(coreset, storage.join(output_dir, "coreset.parquet"), coreset.schema)
-    del surv, uids, alive, idx, pick
+    # per bucket: the kept rows (already sorted by uid) and every reject, sorted
+    core_runs, rej_runs = [], []
+    names = [None] + [CODE_STAGE[c] for c in range(1, NOT_SAMPLED + 1)]
+    for b in range(len(sv.files)):
+        codes = sv.load(sv.codes[b])
+        t = storage.read_table(sv.files[b], schema=surv_schema)
+        core_runs.append(storage.join(work, f"core-b{b:05d}.parquet"))
+        storage.write_table(t.filter(pa.array(codes == ALIVE)), core_runs[-1], core_schema)
+        out = np.flatnonzero(codes != ALIVE)
+        uids = _strings(t.column("uid")).take(pa.array(out))
+        stage_col = _by_code([n[0] if n else None for n in names], codes[out])
+        reason_col = _by_code([n[1] if n else None for n in names], codes[out])
+        rej = pa.table({"uid": uids, "stage": stage_col, "reason": reason_col,
+                        "kept_uid": pa.nulls(len(out), pa.string())}, schema=schemas.REJECTS)
+        ded = storage.read_table(_w(output_dir, "rejects", f"dedup-b{b:05d}.parquet"),
+                                 schema=schemas.REJECTS)
+        rej = pa.concat_tables([ded, rej])
+        rej = rej.take(pc.sort_indices(rej, [("uid", "ascending"), ("stage", "ascending")]))
+        rej_runs.append(storage.join(work, f"rej-b{b:05d}.parquet"))
+        storage.write_table(rej, rej_runs[-1], schemas.REJECTS)
+        del t, rej, ded
+    rej_runs += [_w(output_dir, "rejects", f"validate-s{s:05d}.parquet") for s in range(p["shards"])]
+    for i, f in enumerate(extra_rejects):         # curate's download/embed rejects
+        t = storage.read_table(f, schema=schemas.REJECTS)
+        rej_runs.append(storage.join(work, f"extra-{i:05d}.parquet"))
+        storage.write_table(t.take(pc.sort_indices(t, [("uid", "ascending"), ("stage", "ascending")])),
+                            rej_runs[-1], schemas.REJECTS)
     release_memory()
 
-    parts = [storage.read_table(f, schema=schemas.REJECTS)
-             for f in storage.listdir(_w(output_dir, "rejects"), "*.parquet")]
-    parts += band_rejects + [storage.read_table(f, schema=schemas.REJECTS) for f in extra_rejects]
-    rejects = pa.concat_tables(parts or [schemas.REJECTS.empty_table()])
-    rejects = rejects.take(pc.sort_indices(rejects, [("uid", "ascending"),
-                                                             ("stage", "ascending")]))
-    storage.write_table(rejects, storage.join(output_dir, "rejects.parquet"), schemas.REJECTS)
+    core_path = storage.join(output_dir, "coreset.parquet")
+    rej_path = storage.join(output_dir, "rejects.parquet")
+    n_core = merge.merge(core_runs, core_path, ["uid"], core_schema, work)
+    by_reason: dict[str, dict[str, int]] = {}
 
-    extra_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in extra_rejects)
-    _check_accounting(coreset, rejects, p["rows"] + extra_rows)
+    def count(t: pa.Table) -> None:
+        for r in t.group_by(["stage", "reason"]).aggregate([([], "count_all")]).to_pylist():
+            d = by_reason.setdefault(r["stage"], {})
+            d[r["reason"]] = d.get(r["reason"], 0) + r["count_all"]
+    n_rej = merge.merge(rej_runs, rej_path, ["uid", "stage"], schemas.REJECTS, work, on_chunk=count)
+    extra_rows = sum(pq.ParquetFile(storage.filesystem(f)[1]).metadata.num_rows
+                     if storage.is_local(f) else storage.read_table(f, ["uid"]).num_rows
+                     for f in extra_rejects)
+    _check_accounting(core_path, rej_path, n_core, n_rej, p["rows"] + extra_rows)
+    storage.remove_temporaries(work)
 
     cents = cluster.Centroids.load(_w(output_dir, "centroids.npz"))
     with storage.atomic_open(storage.join(output_dir, "centroids.npy")) as f:
         np.save(f, cents.fine)
-    stats = _stats(output_dir, p, rejects, funnel, coreset.num_rows, cfg)
+    stats = _stats(output_dir, p, n_rej, by_reason, funnel, n_core, cfg)
+    stats["bands"] = band_info
     storage.write_json(storage.join(output_dir, "stats.json"), stats)
     base = str(output_dir)
     manifest.write(storage.join(base, "manifest.json"),
-                   {"coreset": storage.join(base, "coreset.parquet"),
-                    "rejects": storage.join(base, "rejects.parquet")},
+                   {"coreset": core_path, "rejects": rej_path},
                    config={"select": cfg.to_dict(), "source": str(source_dir),
                            "input": {k: {f: v[f] for f in ("files", "bytes", "digest")}
                                      for k, v in (p.get("input") or _input_key(source_dir)).items()}})
+    # the per-bucket runs are no longer needed (codes stay: the report reads none of them)
+    for f in core_runs + rej_runs:
+        if f.startswith(work):
+            fs, q = storage.filesystem(f)
+            if fs.exists(q):
+                fs.rm(q)
     return stats
 
 
-def _coreset_table(src: EmbeddingSource, kept: pa.Table, uid_col: str) -> pa.Table:
-    """Join the kept rows with their shard metadata; carried columns follow the fixed head."""
-    shard = kept.column("shard").to_numpy()
-    row = kept.column("row").to_numpy()
-    pieces = []
-    for s in np.unique(shard):
-        sel = np.flatnonzero(shard == s)
-        meta = src.metadata(src.shards[int(s)])
-        rows_here = row[sel]
-        order = np.argsort(rows_here)
-        m = meta.take(pa.array(rows_here[order]))
-        k = kept.take(pa.array(sel[order]))
-        # url and caption may be bytes in some shards; the kept rows' are valid UTF-8
-        # (validate rejected the others)
-        cols = {"uid": k.column("uid"),
-                "url": m.column("url").cast(pa.string()) if "url" in m.column_names
-                else pa.nulls(len(sel), pa.string()),
-                "caption": m.column("caption").cast(pa.string()) if "caption" in m.column_names
-                else pa.nulls(len(sel), pa.string()),
-                "cluster": k.column("cluster"), "clip_score": k.column("clip_score"),
-                "centroid_cos": k.column("centroid_cos")}
-        for c in m.column_names:
-            if c not in (uid_col, "url", "caption") and c not in cols:
-                cols[c] = m.column(c)
-        pieces.append(pa.table(cols))
-    if not pieces:
-        return schemas.CORESET.empty_table()
-    t = pa.concat_tables(pieces, promote_options="default")
-    head = [schemas.CORESET.field(n) for n in schemas.CORESET.names]
-    carried = [t.schema.field(n) for n in t.column_names if n not in schemas.CORESET.names]
-    t = t.select([f.name for f in head + carried]).cast(pa.schema(head + carried))
-    return t.take(pc.sort_indices(t, [("uid", "ascending")]))
+def _check_accounting(core_path: str, rej_path: str, n_core: int, n_rej: int,
+                      expected: int) -> None:
+    """Every input row is in exactly one table: counts add up and no uid appears twice,
+    compared as strings (not 64-bit hashes, which collide at LAION-2B's scale) on the
+    merged uid order of both files, a few thousand rows at a time."""
+    last: list = [None]
+    twice = [False]
+
+    def check(t: pa.Table) -> None:
+        u = _strings(t.column("uid"))
+        if last[0] is not None and len(u) and u[0].as_py() == last[0]:
+            twice[0] = True
+        if len(u) > 1 and pc.any(pc.equal(u.slice(1), u.slice(0, len(u) - 1))).as_py():
+            twice[0] = True
+        if len(u):
+            last[0] = u[len(u) - 1].as_py()
+    for t in merge.merged([core_path, rej_path], ["uid"], ["uid"]):
+        check(t)
+    if n_core + n_rej != expected or twice[0]:
+        raise WarrenError(f"accounting broken: {n_core} kept + {n_rej} rejected != {expected} "
+                          "input rows (or a uid is in both); this is a bug")
 
 
-def _check_accounting(coreset: pa.Table, rejects: pa.Table, expected: int) -> None:
-    """Every input row is in exactly one table: counts add up and no uid appears twice.
-    Checked on 64-bit uid hashes, and on the uid strings of the rows whose hashes
-    collide (at LAION-2B's 2.3B rows some pair collides with ~14 % odds)."""
-    n = coreset.num_rows + rejects.num_rows
-    uids = pa.concat_arrays([_strings(coreset.column("uid")), _strings(rejects.column("uid"))])
-    h = bands.uid_hash_arrow(uids)
-    vals, counts = np.unique(h, return_counts=True)
-    twice = False
-    if (counts > 1).any():
-        rows = np.flatnonzero(np.isin(h, vals[counts > 1]))
-        u = uids.take(pa.array(rows))
-        twice = pc.count_distinct(u).as_py() != len(u)
-    if n != expected or twice:
-        raise WarrenError(f"accounting broken: {coreset.num_rows} kept + {rejects.num_rows} "
-                          f"rejected != {expected} input rows (or a uid is in both); this is a bug")
-
-
-def _stats(output_dir, p, rejects, funnel, coreset_rows, cfg) -> dict:
+def _stats(output_dir, p, n_rej, by_reason, funnel, coreset_rows, cfg) -> dict:
     work = _w(output_dir)
     done = lambda prefix, n: [storage.done_info(work, f"{prefix}-{i:05d}") for i in range(n)]  # noqa: E731
     val = done("validate", p["shards"])
     ded = done("dedup", p["buckets"])
-    stage_reason = (rejects.group_by(["stage", "reason"]).aggregate([("uid", "count")])
-                    .to_pylist())
-    by_reason: dict[str, dict[str, int]] = {}
-    for r in stage_reason:
-        by_reason.setdefault(r["stage"], {})[r["reason"]] = r["uid_count"]
     pair = {k: sum(d[k] for d in ded) for k in ("pairs", "flops", "blocks", "skipped_blocks",
                                                  "rechecked", "edges")}
     valid = sum(v["valid"] for v in val)
     dedup_kept = sum(d["kept"] for d in ded)
     return {
         "input_rows": p["rows"], "shards": p["shards"], "k": p["k"], "buckets": p["buckets"],
-        "coreset_rows": int(coreset_rows), "rejected_rows": int(rejects.num_rows),
+        "coreset_rows": int(coreset_rows), "rejected_rows": int(n_rej),
         "funnel": {"input": p["rows"], "valid": valid, "dedup": dedup_kept,
                    "clip_band": funnel["clip_band"]["out"],
                    "centroid_band": funnel["centroid_band"]["out"], "sample": funnel["sample"]["out"]},
-        "rejects_by_stage": by_reason,
+        "rejects_by_stage": {k: dict(sorted(v.items())) for k, v in sorted(by_reason.items())},
         "train": storage.done_info(work, "train"),
         "dedup": {"seconds": round(sum(d["seconds"] for d in ded), 3),
                   "largest_cluster": max([d["largest_cluster"] for d in ded] or [0]), **pair},
