@@ -1,6 +1,7 @@
 """External k-way merge of sorted Parquet runs into one sorted Parquet file.
 
-Each run is read a few thousand rows at a time. A round takes, from every run's buffer,
+Each run is read a few thousand rows at a time (runs are written in row groups of
+RUN_ROWS rows, the unit Parquet decodes). A round takes, from every run's buffer,
 the rows not after the smallest "last key" among the buffers (every row up to there is
 final: no run can still produce a smaller one), sorts just those with Arrow (stable, so
 equal keys keep run order) and appends them to the output; the run whose buffer ran out
@@ -23,6 +24,8 @@ import pyarrow.parquet as pq
 from pipelines import storage
 
 BUFFER = 4096       # rows read from a run at a time
+RUN_ROWS = 8192     # row group size of a run: Parquet decodes a row group's column chunks
+                    # whole, so this (not BUFFER) bounds what each open run holds
 FAN_IN = 64
 
 
@@ -105,10 +108,12 @@ class RowGroupWriter:
 
     def _emit(self, n: int) -> None:
         t = pa.concat_tables(self._pending)
+        self._pending = []
         head, rest = t.slice(0, n).combine_chunks(), t.slice(n)
+        del t                   # the pieces go as the contiguous copy is made
+        self._pending, self._n = ([rest] if rest.num_rows else []), rest.num_rows
         self._w.write_table(head, row_group_size=self.size)
         self.rows += head.num_rows
-        self._pending, self._n = ([rest] if rest.num_rows else []), rest.num_rows
 
     def close(self) -> None:
         if self._n:
@@ -143,7 +148,7 @@ def merge(paths: Sequence[str], out: str, keys: list[str], schema: pa.Schema,
         nxt = []
         for g in range(0, len(paths), FAN_IN):
             p = storage.join(tmp_dir, f"merge-{level}-{g // FAN_IN:05d}.parquet")
-            with RowGroupWriter(p, schema, row_group_size) as w:
+            with RowGroupWriter(p, schema, RUN_ROWS) as w:
                 for t in merged(paths[g:g + FAN_IN], keys, schema.names):
                     w.write(t)
             nxt.append(p)

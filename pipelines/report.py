@@ -80,8 +80,10 @@ def build(run_dir: str) -> str:
     core_path = storage.join(run_dir, "coreset.parquet")
     if dedup and all("top_groups" in d for d in dedup):
         parts.append(_dups_section(dedup, images))
-    if storage.exists(core_path):
-        parts.append(_samples_section(core_path, images))
+    if "samples" in stats:
+        parts.append(_samples_section(stats["samples"], stats.get("coreset_rows", 0), images))
+    elif storage.exists(core_path):     # a run from before the finish recorded them
+        parts.append(_samples_section(*_read_samples(core_path), images))
     return _page("".join(parts), run_dir)
 
 
@@ -217,31 +219,31 @@ def _dups_section(dedup: list[dict], images: _Images) -> str:
     return _section("Duplicate groups", "".join(rows), note)
 
 
-def _samples_section(core_path: str, images: _Images) -> str:
+def _read_samples(core_path: str) -> tuple[list[dict], int]:
+    """Rows spread evenly over the (uid-sorted) coreset, reading only their row groups."""
     fs, p = storage.filesystem(core_path)
     with fs.open(p, "rb") as f:
         pf = pq.ParquetFile(f)
         total = pf.metadata.num_rows
-        n = min(MAX_SAMPLES, total)
-        if not n:
-            return _section("Kept samples", "<p>The coreset is empty.</p>")
-        # an even spread over the (uid-sorted) coreset, not just its first rows; only the
-        # row groups holding them are read
-        pick = np.unique(np.linspace(0, total - 1, n).astype(int))
+        pick = np.unique(np.linspace(0, total - 1, min(MAX_SAMPLES, total)).astype(int))
         cols = [c for c in ("uid", "caption", "clip_score") if c in pf.schema_arrow.names]
         sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
         starts = np.r_[0, np.cumsum(sizes)]
-        parts = []
+        rows = []
         for i in range(pf.num_row_groups):
             here = pick[(pick >= starts[i]) & (pick < starts[i + 1])] - starts[i]
             if len(here):
-                parts.append(pf.read_row_group(i, columns=cols).take(pa.array(here)))
-    t = pa.concat_tables(parts)
-    uids = t.column("uid").to_pylist()
+                rows += pf.read_row_group(i, columns=cols).take(pa.array(here)).to_pylist()
+    return rows, total
+
+
+def _samples_section(rows: list[dict], total: int, images: _Images) -> str:
+    if not rows:
+        return _section("Kept samples", "<p>The coreset is empty.</p>")
+    uids = [r["uid"] for r in rows]
     blobs = images.get(uids)
-    caps = t.column("caption").to_pylist() if "caption" in t.column_names else [None] * len(uids)
-    clip = t.column("clip_score").to_pylist() if "clip_score" in t.column_names else [None] * len(uids)
-    cells = [_thumb(blobs.get(u), u, "sample", c, s) for u, c, s in zip(uids, caps, clip)]
+    cells = [_thumb(blobs.get(r["uid"]), r["uid"], "sample", r.get("caption"), r.get("clip_score"))
+             for r in rows]
     return _section("Kept samples", f"<div class='grid'>{''.join(cells)}</div>",
                     f"{len(cells)} of {total:,} coreset rows.")
 

@@ -292,7 +292,7 @@ def stage_validate(cfg: SelectConfig, source_dir: str, output_dir: str, shard: i
     # sorted by uid: a run of the finish stage's merge
     rej = rej.take(pc.sort_indices(rej, [("uid", "ascending")]))
     storage.write_table(rej, _w(output_dir, "rejects", f"validate-s{shard:05d}.parquet"),
-                        schemas.REJECTS)
+                        schemas.REJECTS, row_group_size=merge.RUN_ROWS)
     counts = {REASONS[int(c)]: int((code == c).sum()) for c in np.unique(code[bad])}
     info = {"shard": shard, "rows": int(sh.rows), "valid": int(ok.sum()), "rejects": counts}
     storage.mark_done(_w(output_dir), name, info)
@@ -522,12 +522,13 @@ def stage_dedup(cfg: SelectConfig, source_dir: str, output_dir: str, bucket: int
     survive = kept == np.arange(len(order))
     surv = t.filter(pa.array(survive))
     surv = surv.take(pc.sort_indices(surv, [("uid", "ascending")]))     # a run of the merge
-    storage.write_table(surv, _w(output_dir, "dedup", f"b{bucket:05d}.parquet"), src_schema)
+    storage.write_table(surv, _w(output_dir, "dedup", f"b{bucket:05d}.parquet"), src_schema,
+                        row_group_size=merge.RUN_ROWS)
     drop = np.flatnonzero(~survive)
     rej = _rejects(uid_col.take(drop), "dedup", "duplicate", uid_col.take(kept[drop]))
     rej = rej.take(pc.sort_indices(rej, [("uid", "ascending")]))
     storage.write_table(rej, _w(output_dir, "rejects", f"dedup-b{bucket:05d}.parquet"),
-                        schemas.REJECTS)
+                        schemas.REJECTS, row_group_size=merge.RUN_ROWS)
     ids, sizes = np.unique(cl, return_counts=True)
     info = {"bucket": bucket, "rows": int(len(order)), "kept": int(survive.sum()),
             "largest_cluster": int(largest), "seconds": round(seconds, 4),
@@ -561,6 +562,7 @@ CODE_STAGE = {CLIP_ABOVE: ("clip_band", bands.ABOVE), CLIP_BELOW: ("clip_band", 
               CENT_ABOVE: ("centroid_band", bands.ABOVE),
               CENT_BELOW: ("centroid_band", bands.BELOW), NOT_SAMPLED: ("sample", "not_sampled")}
 HIST_BINS = 60
+SAMPLES = 24          # coreset rows the report shows
 
 
 class _Survivors:
@@ -696,38 +698,58 @@ def stage_finish(cfg: SelectConfig, source_dir: str, output_dir: str,
         funnel[stage] = {"in": band_info[stage]["in"], "out": band_info[stage]["out"]}
     funnel["sample"] = _sample_pass(sv, cfg.target, cfg.seed)
 
-    # per bucket: the kept rows (already sorted by uid) and every reject, sorted
+    # per bucket, a row group at a time: the kept rows and the band/sample rejects, both
+    # already in uid order (the survivor files are); the dedup rejects are a run as they are
     core_runs, rej_runs = [], []
     names = [None] + [CODE_STAGE[c] for c in range(1, NOT_SAMPLED + 1)]
+    stages = pa.array([n[0] if n else None for n in names], pa.string())
+    reasons = pa.array([n[1] if n else None for n in names], pa.string())
     for b in range(len(sv.files)):
         codes = sv.load(sv.codes[b])
-        t = storage.read_table(sv.files[b], schema=surv_schema)
         core_runs.append(storage.join(work, f"core-b{b:05d}.parquet"))
-        storage.write_table(t.filter(pa.array(codes == ALIVE)), core_runs[-1], core_schema)
-        out = np.flatnonzero(codes != ALIVE)
-        uids = _strings(t.column("uid")).take(pa.array(out))
-        stage_col = _by_code([n[0] if n else None for n in names], codes[out])
-        reason_col = _by_code([n[1] if n else None for n in names], codes[out])
-        rej = pa.table({"uid": uids, "stage": stage_col, "reason": reason_col,
-                        "kept_uid": pa.nulls(len(out), pa.string())}, schema=schemas.REJECTS)
-        ded = storage.read_table(_w(output_dir, "rejects", f"dedup-b{b:05d}.parquet"),
-                                 schema=schemas.REJECTS)
-        rej = pa.concat_tables([ded, rej])
-        rej = rej.take(pc.sort_indices(rej, [("uid", "ascending"), ("stage", "ascending")]))
-        rej_runs.append(storage.join(work, f"rej-b{b:05d}.parquet"))
-        storage.write_table(rej, rej_runs[-1], schemas.REJECTS)
-        del t, rej, ded
+        rej_runs += [storage.join(work, f"rej-b{b:05d}.parquet"),
+                     _w(output_dir, "rejects", f"dedup-b{b:05d}.parquet")]
+        fs, path = storage.filesystem(sv.files[b])
+        with fs.open(path, "rb") as f, \
+                merge.RowGroupWriter(core_runs[-1], core_schema, merge.RUN_ROWS) as wc, \
+                merge.RowGroupWriter(rej_runs[-2], schemas.REJECTS, merge.RUN_ROWS) as wr:
+            pf = pq.ParquetFile(f)
+            at = 0
+            for i in range(pf.num_row_groups):
+                t = pf.read_row_group(i).cast(surv_schema)
+                c = codes[at:at + t.num_rows]
+                at += t.num_rows
+                wc.write(t.filter(pa.array(c == ALIVE)))
+                out = np.flatnonzero(c != ALIVE)
+                if len(out):
+                    cc = pa.array(c[out].astype(np.int64))
+                    wr.write(pa.table({"uid": t.column("uid").take(pa.array(out)),
+                                       "stage": stages.take(cc), "reason": reasons.take(cc),
+                                       "kept_uid": pa.nulls(len(out), pa.string())},
+                                      schema=schemas.REJECTS))
     rej_runs += [_w(output_dir, "rejects", f"validate-s{s:05d}.parquet") for s in range(p["shards"])]
     for i, f in enumerate(extra_rejects):         # curate's download/embed rejects
         t = storage.read_table(f, schema=schemas.REJECTS)
         rej_runs.append(storage.join(work, f"extra-{i:05d}.parquet"))
         storage.write_table(t.take(pc.sort_indices(t, [("uid", "ascending"), ("stage", "ascending")])),
-                            rej_runs[-1], schemas.REJECTS)
+                            rej_runs[-1], schemas.REJECTS, row_group_size=merge.RUN_ROWS)
     release_memory()
 
     core_path = storage.join(output_dir, "coreset.parquet")
     rej_path = storage.join(output_dir, "rejects.parquet")
-    n_core = merge.merge(core_runs, core_path, ["uid"], core_schema, work)
+    # rows spread evenly over the coreset, kept for the report as the merge passes them
+    n_kept = funnel["sample"]["out"]
+    picks = np.unique(np.linspace(0, n_kept - 1, min(SAMPLES, n_kept)).astype(np.int64))
+    samples: list[dict] = []
+    seen = [0]
+
+    def pick(t: pa.Table) -> None:
+        here = picks[(picks >= seen[0]) & (picks < seen[0] + t.num_rows)] - seen[0]
+        if len(here):
+            samples.extend(t.select(["uid", "caption", "clip_score"]).take(pa.array(here))
+                           .to_pylist())
+        seen[0] += t.num_rows
+    n_core = merge.merge(core_runs, core_path, ["uid"], core_schema, work, on_chunk=pick)
     by_reason: dict[str, dict[str, int]] = {}
 
     def count(t: pa.Table) -> None:
@@ -746,6 +768,7 @@ def stage_finish(cfg: SelectConfig, source_dir: str, output_dir: str,
         np.save(f, cents.fine)
     stats = _stats(output_dir, p, n_rej, by_reason, funnel, n_core, cfg)
     stats["bands"] = band_info
+    stats["samples"] = samples
     storage.write_json(storage.join(output_dir, "stats.json"), stats)
     base = str(output_dir)
     manifest.write(storage.join(base, "manifest.json"),
@@ -809,6 +832,16 @@ def _stats(output_dir, p, n_rej, by_reason, funnel, coreset_rows, cfg) -> dict:
 
 
 def _peak_rss_gb() -> float:
+    """This process's peak resident set, GB. Linux's VmHWM belongs to this process's own
+    memory map; getrusage's ru_maxrss also counts the parent's peak when the process was
+    started by vfork/posix_spawn (as subprocess does), which made small runs look big."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
