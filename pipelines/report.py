@@ -78,8 +78,13 @@ def build(run_dir: str) -> str:
         parts.append(_bands_section(stats["bands"], cfg))
     images = _image_sources(run_dir, man)
     core_path = storage.join(run_dir, "coreset.parquet")
-    if dedup and all("top_groups" in d for d in dedup):
-        parts.append(_dups_section(dedup, images))
+    if stats.get("dedup_groups"):
+        parts.append(_dups_section(stats["dedup_groups"], images))
+    elif dedup and all("top_groups" in d for d in dedup):
+        parts.append(_dups_section({"groups": sum(d["groups"] for d in dedup),
+                                    "dropped": sum(d["dropped"] for d in dedup),
+                                    "top_groups": [t for d in dedup for t in d["top_groups"]]},
+                                   images))
     if "samples" in stats:
         parts.append(_samples_section(stats["samples"], stats.get("coreset_rows", 0), images))
     elif storage.exists(core_path):     # a run from before the finish recorded them
@@ -193,15 +198,13 @@ def _bands_section(band_stats: dict, cfg: dict) -> str:
                     "band's survivors (bands are chained); the shaded span is what each band kept.")
 
 
-def _dups_section(dedup: list[dict], images: _Images) -> str:
-    """The largest duplicate groups, from each bucket's largest (a group never spans
-    buckets: its members share a cluster)."""
-    n_groups = sum(d["groups"] for d in dedup)
-    dropped = sum(d["dropped"] for d in dedup)
+def _dups_section(groups: dict, images: _Images) -> str:
+    """The largest duplicate groups, as the finish recorded them (the largest of each
+    dedup bucket, and those joined across cluster borders)."""
+    n_groups, dropped = groups["groups"], groups["dropped"]
     if not n_groups:
         return _section("Duplicate groups", "<p>No duplicates were found.</p>")
-    g = sorted((t for d in dedup for t in d["top_groups"]),
-               key=lambda t: (-t["dropped"], t["kept_uid"]))[:MAX_GROUPS]
+    g = sorted(groups["top_groups"], key=lambda t: (-t["dropped"], t["kept_uid"]))[:MAX_GROUPS]
     want = [t["kept_uid"] for t in g] + [u for t in g for u in t["members"][:MAX_MEMBERS - 1]]
     blobs = images.get(want)
     rows = []

@@ -70,6 +70,7 @@ class SelectConfig:
     batch_rows: int = 16_384
     block: int = dedup.BLOCK
     method: Literal["int8", "float32", "baseline"] = "int8"   # baseline: for bench/ only
+    dedup_scope: Literal["cluster", "global"] = "cluster"   # global: also across cluster borders
 
     def __post_init__(self):
         p = []
@@ -97,6 +98,10 @@ class SelectConfig:
             p.append("buckets must be >= 1")
         if self.two_level not in ("auto", "on", "off"):
             p.append("two_level must be auto, on or off")
+        if self.dedup_scope not in ("cluster", "global"):
+            p.append(f"dedup_scope must be cluster or global (got {self.dedup_scope!r})")
+        if self.dedup_scope == "global" and self.policy != "bunny":
+            p.append("dedup_scope global links components across clusters: policy must be bunny")
         if self.method not in ("int8", "float32", "baseline"):
             p.append("method must be int8, float32 or baseline")
         if self.block < 32:
@@ -389,6 +394,11 @@ def stage_assign(cfg: SelectConfig, source_dir: str, output_dir: str, shard: int
     nb = p["buckets"]
     counts = np.zeros(nb, np.int64)
     schema = schemas.survivors(_carried(src))
+    glob = cfg.dedup_scope == "global"
+    if glob:     # rows also go, as visitors, to the buckets of clusters across their border
+        schema = schema.append(pa.field("visit", pa.int32(), nullable=False))
+        gram = cents.fine @ cents.fine.T if cents.k <= 8192 else None
+    visitors = 0
     out = shuffle.ShardWriter(_w(output_dir, "assign", f"s{shard:05d}.arrow"), schema, p["dim"])
     try:
         for batch in src.batches(sh, cfg.batch_rows):
@@ -417,6 +427,11 @@ def stage_assign(cfg: SelectConfig, source_dir: str, output_dir: str, shard: int
             m = meta.slice(lo, hi - lo).take(pa.array(order))
             for f in m.column_names:
                 t = t.append_column(f, m.column(f))
+            if glob:
+                t = t.append_column("visit", pa.array(np.full(len(order), -1, np.int32)))
+                visitors += _add_visitors(out, cfg, schema, img, lab, cos, clip, cents, gram, nb,
+                                          vuids.slice(lo, hi - lo), vrows[lo:hi], vhash[lo:hi],
+                                          shard)
             sb = bucket[order]
             cuts = np.flatnonzero(np.r_[True, sb[1:] != sb[:-1], True])
             for s0, e0 in zip(cuts[:-1], cuts[1:]):
@@ -428,9 +443,33 @@ def stage_assign(cfg: SelectConfig, source_dir: str, output_dir: str, shard: int
         out.abort(e)
         raise
     info = {"shard": shard, "rows": int(len(vrows)), "buckets_written": int((counts > 0).sum()),
-            "runs": runs}
+            "runs": runs, "visitors": int(visitors)}
     storage.mark_done(_w(output_dir), name, info)
     return info
+
+
+def _add_visitors(out, cfg, schema, img, lab, cos, clip, cents, gram, nb, uids, rows, hashes,
+                  shard) -> int:
+    """Copies of the rows near a cluster border, one per cluster they must be compared
+    with (dedup.border_candidates), each sent to that cluster's bucket."""
+    r, c = dedup.border_candidates(img, lab, cents.fine, cfg.threshold, gram)
+    if not len(r):
+        return 0
+    vb = c % nb
+    o = np.lexsort((r, vb))
+    r, c, vb = r[o], c[o], vb[o]
+    cols = {"uid": uids.take(pa.array(r)), "shard": np.full(len(r), shard, np.int32),
+            "row": rows[r], "cluster": lab[r], "centroid_cos": cos[r], "clip_score": clip[r],
+            "uid_hash": hashes[r]}
+    t = pa.table(cols)
+    for f in list(schema)[len(t.column_names):]:
+        t = t.append_column(f.name, pa.array(c.astype(np.int32)) if f.name == "visit"
+                            else pa.nulls(len(r), f.type))
+    v16 = to_float16(img[r])
+    cuts = np.flatnonzero(np.r_[True, vb[1:] != vb[:-1], True])
+    for s0, e0 in zip(cuts[:-1], cuts[1:]):
+        out.add(int(vb[s0]), t.slice(s0, e0 - s0), v16[s0:e0])
+    return len(r)
 
 
 def _metadata(src: EmbeddingSource, sh, rows: np.ndarray) -> pa.Table:
@@ -476,8 +515,19 @@ def stage_dedup(cfg: SelectConfig, source_dir: str, output_dir: str, bucket: int
     runs = [storage.done_info(_w(output_dir), f"assign-{s:05d}")["runs"] for s in range(p["shards"])]
     bk = shuffle.Bucket(paths, runs, bucket)
     src_schema = schemas.survivors(_carried(_src(output_dir)))
+    glob = cfg.dedup_scope == "global"
     t = bk.table if bk.table is not None else src_schema.empty_table()
+    rows_of = np.arange(t.num_rows)           # member row -> row of the bucket's files
+    vrows = vcl = np.zeros(0, np.int64)
+    if glob and bk.table is not None:
+        vis = t.column("visit").to_numpy()
+        rows_of, vrows = np.flatnonzero(vis < 0), np.flatnonzero(vis >= 0)
+        vrows = vrows[np.argsort(vis[vrows], kind="stable")]     # visitors by visited cluster
+        vcl = vis[vrows]
+        t = t.take(pa.array(rows_of)).drop_columns(["visit"])
     st = dedup.PairStats()
+    cross = dedup.PairStats()
+    edges_a, edges_b = [], []
     uid_col = _strings(t.column("uid"))
     cl = t.column("cluster").to_numpy()
     cos = t.column("centroid_cos").to_numpy()
@@ -502,10 +552,23 @@ def stage_dedup(cfg: SelectConfig, source_dir: str, output_dir: str, bucket: int
         while g1 < len(starts) and (ends[g1] - starts[g0]) * per_row <= DEDUP_BUDGET:
             g1 += 1
         base = starts[g0]
-        vecs = bk.vectors(order[base:ends[g1 - 1]], d)
+        members = ends[g1 - 1] - base
+        want = rows_of[order[base:ends[g1 - 1]]]
+        if glob and len(vrows):     # the visitors of these clusters, in the same pass
+            c_lo, c_hi = cl[order[base]], cl[order[ends[g1 - 1] - 1]]
+            v0, v1 = np.searchsorted(vcl, [c_lo, c_hi + 1])
+            want = np.r_[want, vrows[v0:v1]]
+        vecs = bk.vectors(want, d)
         for s0, e0 in zip(starts[g0:g1], ends[g0:g1]):
             idx = order[s0:e0]
             x = vecs[s0 - base:e0 - base]
+            if glob and len(vrows):
+                a0, a1 = np.searchsorted(vcl[v0:v1], [cl[idx[0]], cl[idx[0]] + 1])
+                if a1 > a0:
+                    i, j = dedup.cross_edges(vecs[members + a0:members + a1], x, cfg.threshold,
+                                             cfg.block, cross)
+                    edges_a.append(vrows[v0 + a0 + i])     # visitor's row in the bucket files
+                    edges_b.append(idx[j])                 # member's row in `t`
             if cfg.policy == "bunny":
                 lab = dedup.components(x, cfg.threshold, cfg.block, cfg.method, st)
                 # `random` hashes the component's smallest uid, so it needs the strings
@@ -529,13 +592,41 @@ def stage_dedup(cfg: SelectConfig, source_dir: str, output_dir: str, bucket: int
     rej = rej.take(pc.sort_indices(rej, [("uid", "ascending")]))
     storage.write_table(rej, _w(output_dir, "rejects", f"dedup-b{bucket:05d}.parquet"),
                         schemas.REJECTS, row_group_size=merge.RUN_ROWS)
+    if glob:
+        _write_links(output_dir, bucket, bk, t, kept, edges_a, edges_b)
     ids, sizes = np.unique(cl, return_counts=True)
     info = {"bucket": bucket, "rows": int(len(order)), "kept": int(survive.sum()),
             "largest_cluster": int(largest), "seconds": round(seconds, 4),
             **dataclasses.asdict(st), "clusters": [ids.tolist(), sizes.tolist()],
+            "cross": dataclasses.asdict(cross) if glob else None,
             **_top_groups(kept, drop, uid_col)}
     storage.mark_done(_w(output_dir), name, info)
     return info
+
+
+def gid(shard: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """One int64 per input row: (shard, row) packed (shards < 2^23, rows < 2^40)."""
+    return (np.asarray(shard, np.int64) << np.int64(40)) | np.asarray(row, np.int64)
+
+
+def _write_links(output_dir, bucket, bk, t, kept, edges_a, edges_b) -> None:
+    """What the finish needs to join components across buckets: the cross-border edges
+    found here (visitor, member) and every member's local component (its kept row)."""
+    g = gid(t.column("shard").to_numpy(), t.column("row").to_numpy())
+    ea = np.concatenate(edges_a) if edges_a else np.zeros(0, np.int64)
+    eb = np.concatenate(edges_b) if edges_b else np.zeros(0, np.int64)
+    if len(ea):
+        full = bk.table
+        ga = gid(full.column("shard").to_numpy()[ea], full.column("row").to_numpy()[ea])
+    else:
+        ga = np.zeros(0, np.int64)
+    storage.write_table(pa.table({"a": pa.array(ga, pa.int64()), "b": pa.array(g[eb], pa.int64())}),
+                        _w(output_dir, "dedup", f"edges-b{bucket:05d}.parquet"))
+    storage.write_table(pa.table({"gid": pa.array(g, pa.int64()), "comp": pa.array(g[kept], pa.int64()),
+                                  "uid": _strings(t.column("uid")),
+                                  "centroid_cos": t.column("centroid_cos")}),
+                        _w(output_dir, "dedup", f"labels-b{bucket:05d}.parquet"),
+                        row_group_size=merge.RUN_ROWS)
 
 
 def _top_groups(kept: np.ndarray, drop: np.ndarray, uid_col: pa.Array) -> dict:
@@ -668,6 +759,116 @@ def _sample_pass(sv: _Survivors, target: int | None, seed: int) -> dict:
     return {"in": m, "out": target}
 
 
+def _link(cfg: SelectConfig, output_dir: str, p: dict) -> dict:
+    """Dedup scope "global": join the per-cluster components along the cross-border edges
+    the dedup buckets found, choose one kept member per joined component (the keep rule
+    over all its members), and rewrite the buckets whose decisions change. Holds only the
+    edges and the rows of joined components (duplicates across borders: few)."""
+    nb = p["buckets"]
+    edges = [storage.read_table(_w(output_dir, "dedup", f"edges-b{b:05d}.parquet")) for b in range(nb)]
+    a = np.concatenate([e.column("a").to_numpy() for e in edges])
+    b = np.concatenate([e.column("b").to_numpy() for e in edges])
+    info = {"edges": int(len(a)), "joined_components": 0, "rows_changed": 0}
+    if not len(a):
+        return info
+    ends = np.unique(np.r_[a, b])
+
+    def labels(bkt, cols=("gid", "comp", "uid", "centroid_cos")):
+        return storage.read_table(_w(output_dir, "dedup", f"labels-b{bkt:05d}.parquet"), list(cols))
+    comp_of = {}
+    for bkt in range(nb):
+        t = labels(bkt, ("gid", "comp"))
+        g = t.column("gid").to_numpy()
+        hit = np.isin(g, ends)
+        comp_of.update(zip(g[hit].tolist(), t.column("comp").to_numpy()[hit].tolist()))
+    ca = np.asarray([comp_of[x] for x in a.tolist()], np.int64)
+    cb = np.asarray([comp_of[x] for x in b.tolist()], np.int64)
+    diff = ca != cb
+    if not diff.any():
+        return info
+    nodes, inv = np.unique(np.r_[ca[diff], cb[diff]], return_inverse=True)
+    m = int(diff.sum())
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    _, grp = connected_components(coo_matrix((np.ones(m, np.int8), (inv[:m], inv[m:])),
+                                             shape=(len(nodes), len(nodes))), directed=False)
+    # the members of the joined components, wherever they are
+    rows = []
+    for bkt in range(nb):
+        t = labels(bkt)
+        c = t.column("comp").to_numpy()
+        hit = np.flatnonzero(np.isin(c, nodes))
+        if len(hit):
+            rows.append(pa.table({"gid": t.column("gid").take(hit), "uid": t.column("uid").take(hit),
+                                  "cos": t.column("centroid_cos").take(hit),
+                                  "comp": pa.array(c[hit], pa.int64()),
+                                  "group": grp[np.searchsorted(nodes, c[hit])],
+                                  "bucket": np.full(len(hit), bkt, np.int32)}))
+    j = pa.concat_tables(rows)
+    uids = np.asarray(j.column("uid").to_pylist(), dtype=object)
+    group = j.column("group").to_numpy()
+    kept = dedup.choose(group, j.column("cos").to_numpy(), uids, cfg.keep, cfg.seed)
+    final = dict(zip(j.column("gid").to_numpy().tolist(), kept.tolist()))
+    g_all = j.column("gid").to_numpy()
+    info["joined_components"] = int(len(np.unique(grp)))
+    for bkt in np.unique(j.column("bucket").to_numpy()):
+        info["rows_changed"] += _settle(cfg, output_dir, p, int(bkt), final, g_all, uids)
+    # the joined groups for the report, and the local groups they absorbed
+    comp = j.column("comp").to_numpy()
+    cu, cn = np.unique(comp, return_counts=True)
+    gid_to_row = {x: i for i, x in enumerate(g_all.tolist())}
+    absorbed = {uids[gid_to_row[c]] for c in cu[cn > 1].tolist() if c in gid_to_row}
+    groups = []
+    for gidx in np.unique(group):
+        at = np.flatnonzero(group == gidx)
+        head = kept[at[0]]
+        dropped = sorted(uids[r] for r in at if kept[r] != r)
+        groups.append({"kept_uid": uids[head], "dropped": len(dropped),
+                       "members": dropped[:GROUP_MEMBERS]})
+    info["groups"], info["absorbed"] = groups, sorted(absorbed)
+    return info
+
+
+def _settle(cfg, output_dir, p, bucket, final, g_all, uids) -> int:
+    """Rewrite one bucket's survivors and duplicate rejects with the joined components'
+    choices (rows read again from the shuffle, so a rerun rewrites the same bytes)."""
+    paths = [_w(output_dir, "assign", f"s{s:05d}.arrow") for s in range(p["shards"])]
+    runs = [storage.done_info(_w(output_dir), f"assign-{s:05d}")["runs"] for s in range(p["shards"])]
+    bk = shuffle.Bucket(paths, runs, bucket)
+    t = bk.table
+    t = t.filter(pc.less(t.column("visit"), 0)).drop_columns(["visit"])
+    lab = storage.read_table(_w(output_dir, "dedup", f"labels-b{bucket:05d}.parquet"))
+    g = gid(t.column("shard").to_numpy(), t.column("row").to_numpy())
+    lg = lab.column("gid").to_numpy()
+    pos = np.argsort(lg)
+    at = pos[np.searchsorted(lg, g, sorter=pos)]
+    comp = lab.column("comp").to_numpy()[at]                  # local kept row, as gid
+    uid_col = _strings(t.column("uid"))
+    # the kept member's uid: local components stay in the bucket; joined ones anywhere
+    local_uid = dict(zip(g.tolist(), uid_col.to_pylist()))
+    kept_uid, changed = [], 0
+    for r, (gg, cc) in enumerate(zip(g.tolist(), comp.tolist())):
+        if gg in final:
+            ku = uids[final[gg]]
+            changed += int(ku != local_uid[cc])
+        else:
+            ku = local_uid[cc]
+        kept_uid.append(ku)
+    kept_uid = pa.array(kept_uid, pa.string())
+    survive = pc.equal(kept_uid, uid_col)
+    carried = _carried(_src(output_dir))
+    surv = t.filter(survive)
+    surv = surv.take(pc.sort_indices(surv, [("uid", "ascending")]))
+    storage.write_table(surv, _w(output_dir, "dedup", f"b{bucket:05d}.parquet"),
+                        schemas.survivors(carried), row_group_size=merge.RUN_ROWS)
+    drop = pc.invert(survive)
+    rej = _rejects(uid_col.filter(drop), "dedup", "duplicate", kept_uid.filter(drop))
+    rej = rej.take(pc.sort_indices(rej, [("uid", "ascending")]))
+    storage.write_table(rej, _w(output_dir, "rejects", f"dedup-b{bucket:05d}.parquet"),
+                        schemas.REJECTS, row_group_size=merge.RUN_ROWS)
+    return changed
+
+
 def stage_finish(cfg: SelectConfig, source_dir: str, output_dir: str,
                  extra_rejects: Sequence[str] = ()) -> dict:
     """Chained bands, seeded sample, then coreset.parquet, rejects.parquet, centroids.npy,
@@ -685,6 +886,7 @@ def stage_finish(cfg: SelectConfig, source_dir: str, output_dir: str,
     core_schema, surv_schema = schemas.coreset(carried), schemas.survivors(carried)
     work = _w(output_dir, "finish")
     storage.remove_temporaries(work)
+    linked = _link(cfg, output_dir, p) if cfg.dedup_scope == "global" else None
     sv = _Survivors(output_dir, p["buckets"])
     funnel, band_info = {}, {}
     for stage, col, rng, above, below in (
@@ -767,6 +969,11 @@ def stage_finish(cfg: SelectConfig, source_dir: str, output_dir: str,
     with storage.atomic_open(storage.join(output_dir, "centroids.npy")) as f:
         np.save(f, cents.fine)
     stats = _stats(output_dir, p, n_rej, by_reason, funnel, n_core, cfg)
+    stats["funnel"]["dedup"] = int(sum(sv.rows))         # after any cross-border joins
+    stats["dedup_groups"] = _groups(output_dir, p, stats["funnel"], linked)
+    if linked is not None:
+        stats["dedup"]["cross_border"] = {k: v for k, v in linked.items()
+                                          if k not in ("groups", "absorbed")}
     stats["bands"] = band_info
     stats["samples"] = samples
     storage.write_json(storage.join(output_dir, "stats.json"), stats)
@@ -783,6 +990,21 @@ def stage_finish(cfg: SelectConfig, source_dir: str, output_dir: str,
             if fs.exists(q):
                 fs.rm(q)
     return stats
+
+
+def _groups(output_dir: str, p: dict, funnel: dict, linked: dict | None) -> dict:
+    """Duplicate groups for the report: each bucket's largest, merged; with a global
+    dedup scope, the groups joined across borders replace the local ones they absorbed."""
+    ded = [storage.done_info(_w(output_dir), f"dedup-{b:05d}") for b in range(p["buckets"])]
+    tops = [t for d in ded for t in d.get("top_groups", [])]
+    n = sum(d.get("groups", 0) for d in ded)
+    if linked and linked.get("groups"):
+        gone = set(linked["absorbed"])
+        tops = [t for t in tops if t["kept_uid"] not in gone] + linked["groups"]
+        n += len(linked["groups"]) - len(gone)
+    tops.sort(key=lambda t: (-t["dropped"], t["kept_uid"]))
+    return {"groups": int(n), "dropped": int(funnel["valid"] - funnel["dedup"]),
+            "top_groups": tops[:TOP_GROUPS]}
 
 
 def _check_accounting(core_path: str, rej_path: str, n_core: int, n_rej: int,
