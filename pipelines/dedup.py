@@ -130,9 +130,10 @@ def _exact(x: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
 
 def components(x: np.ndarray, threshold: float, block: int = BLOCK,
                method: Literal["int8", "float32"] = "int8",
-               stats: PairStats | None = None) -> np.ndarray:
+               stats: PairStats | None = None, device: str | None = None) -> np.ndarray:
     """Component label (smallest member index) of each row of `x` (L2-normalised rows)
-    in the graph with an edge where cos > threshold."""
+    in the graph with an edge where cos > threshold. `device`: a torch device for the
+    int8 screen (the same graph on every device: see _components_int8_on)."""
     n = len(x)
     labels = np.arange(n)
     if n < 2:
@@ -143,6 +144,8 @@ def components(x: np.ndarray, threshold: float, block: int = BLOCK,
         return _components_baseline(x, threshold, block, labels, st)
     if method == "float32" or n <= SMALL:
         return _components_float(x, threshold, block, labels, st)
+    if device is not None:
+        return _components_int8_on(device, x, threshold, block, labels, st)
     return _components_int8(x, threshold, block, labels, st)
 
 
@@ -377,6 +380,68 @@ def _exact_pairs(a: np.ndarray, b: np.ndarray, i: np.ndarray, j: np.ndarray) -> 
         out[s:s + CHUNK] = np.einsum("ij,ij->i", a[i[s:s + CHUNK]].astype(np.float64),
                                      b[j[s:s + CHUNK]].astype(np.float64))
     return out
+
+
+def _components_int8_on(device: str, x, threshold, block, labels, st):
+    """The int8 screen of _components_int8 with every block product on a torch device
+    (a GPU). The graph is the same as on the CPU, bit for bit: int8 products are exact
+    integers on any device; the error bound only sorts pairs into certain / unsure (a
+    device's float32 sums can move it, never the decisions), and unsure pairs are decided
+    by the same float64 computation on the CPU (exact for float16 rows: 11-bit products
+    in a 53-bit sum)."""
+    import torch
+
+    dev = torch.device(device)
+    n, d = x.shape
+    xt = torch.from_numpy(np.ascontiguousarray(x)).to(dev)
+    lo_hi = torch.aminmax(xt.float())
+    scale = max(-float(lo_hi[0]), float(lo_hi[1])) / 127.0 or 1.0
+    l1 = 0.0
+    dp, npad = d + (-d) % 8, n + (-n) % 8 + 24     # int8 GEMM shapes: multiples of 8, > 16 rows
+    qt = torch.zeros((npad, dp), dtype=torch.int8, device=dev)
+    for s0 in range(0, n, CHUNK):
+        a = xt[s0:s0 + CHUNK].float()
+        l1 = max(l1, float(a.abs().sum(1).max()))
+        qt[s0:s0 + len(a), :d] = torch.round(a / scale).to(torch.int8)
+    del xt
+    bound = error_bound(l1, d, scale)
+    s2 = scale * scale
+    lo = int(np.floor((threshold - bound) / s2))
+    hi = int(np.ceil((threshold + bound) / s2))
+    nb = (n + block - 1) // block
+    edges = _Edges(labels, 4 * block)
+    for bi, bj in _block_order(nb):
+        i0, i1 = bi * block, min(n, (bi + 1) * block)
+        j0, j1 = bj * block, min(n, (bj + 1) * block)
+        if _one_component(edges.labels, i0, i1, j0, j1):
+            st.skipped_blocks += 1
+            continue
+        a = qt[i0:i0 + max(i1 - i0 + (-(i1 - i0)) % 8, 24)]
+        b = qt[j0:j0 + (j1 - j0) + (-(j1 - j0)) % 8]
+        ct = torch._int_mm(a, b.T)[: i1 - i0, : j1 - j0]     # padding rows/columns cut off
+        if bi == bj:
+            ct.fill_diagonal_(lo)
+        st.blocks += 1
+        st.flops += 2.0 * (i1 - i0) * (j1 - j0) * d
+        rows = torch.nonzero(ct.amax(1) > lo).flatten()
+        for r0 in range(0, len(rows), EDGE_ROWS):
+            rr = rows[r0:r0 + EDGE_ROWS]
+            ri, jj = torch.nonzero(ct[rr] > lo, as_tuple=True)
+            vals = ct[rr[ri], jj].cpu().numpy()
+            ii = rr[ri].cpu().numpy() + i0
+            jj = jj.cpu().numpy() + j0
+            keep = jj > ii
+            ii, jj, vals = ii[keep], jj[keep], vals[keep]
+            unsure = vals <= hi
+            if unsure.any():
+                st.rechecked += int(unsure.sum())
+                ok = ~unsure
+                ok[unsure] = _exact(x, ii[unsure], jj[unsure]) > threshold
+                ii, jj = ii[ok], jj[ok]
+            st.edges += len(ii)
+            if len(ii):
+                edges.add(ii, jj, i0, i1, j0, j1)
+    return edges.flush()
 
 
 def choose(labels: np.ndarray, centroid_cos: np.ndarray, uids: np.ndarray, keep: Keep,

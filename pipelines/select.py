@@ -27,7 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import bands, cluster, dedup, manifest, merge, ranks, runkey, schemas, shuffle, storage
+from pipelines import (bands, cluster, dedup, kmeans, manifest, merge, ranks, runkey, schemas,
+                       shuffle, storage)
 from pipelines.errors import ConfigError, InputError, OutputError, WarrenError, setting
 from pipelines.readers import EmbeddingSource, open_source, row_flags, to_float16
 
@@ -71,6 +72,10 @@ class SelectConfig:
     block: int = dedup.BLOCK
     method: Literal["int8", "float32", "baseline"] = "int8"   # baseline: for bench/ only
     dedup_scope: Literal["cluster", "global"] = "cluster"   # global: also across cluster borders
+    # k-means and the pairwise step: "faiss" (CPU), a torch device ("cpu", "cuda", "cuda:1":
+    # the same result on each), or "auto" (cuda when present, else faiss). Not part of
+    # the run's key: a run resumes on another device of the same family.
+    device: str = "auto"
 
     def __post_init__(self):
         p = []
@@ -102,6 +107,8 @@ class SelectConfig:
             p.append(f"dedup_scope must be cluster or global (got {self.dedup_scope!r})")
         if self.dedup_scope == "global" and self.policy != "bunny":
             p.append("dedup_scope global links components across clusters: policy must be bunny")
+        if not (self.device in ("auto", "faiss", "cpu") or self.device.startswith("cuda")):
+            p.append(f"device must be auto, faiss, cpu or cuda[:N] (got {self.device!r})")
         if self.method not in ("int8", "float32", "baseline"):
             p.append("method must be int8, float32 or baseline")
         if self.block < 32:
@@ -140,6 +147,26 @@ def _hint(path: str, value: str) -> str:
     `--set select.clip_band=none`)."""
     s = setting(path)
     return s + value if s.endswith("=") else f"{s} {value}"
+
+
+def _key(config: dict) -> dict:
+    """The config as a run's key: everything but the device (a run may resume on
+    another device of the same k-means family, with the same result)."""
+    return {k: v for k, v in json.loads(json.dumps(config)).items() if k != "device"}
+
+
+def _family(device: str) -> str:
+    return "faiss" if device == "faiss" else "torch"
+
+
+def _device(cfg: SelectConfig, p: dict) -> str:
+    """Where this run's k-means and pairwise step run: "faiss", or a torch device."""
+    if p.get("kmeans", "faiss") == "faiss":
+        return "faiss"
+    if cfg.device not in ("auto", "faiss"):
+        return cfg.device
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _input_key(source_dir: str) -> dict:
@@ -202,14 +229,20 @@ def plan(cfg: SelectConfig, source_dir: str, output_dir: str, *, restart: bool =
     path = _w(output_dir, "plan.json")
     old = storage.read_json(path) if storage.exists(path) else None
     if old is not None:
-        cfg_now = json.loads(json.dumps(cfg.to_dict()))
-        if old.get("config") != cfg_now:
-            diff = sorted(k for k in set(cfg_now) | set(old.get("config") or {})
-                          if (old.get("config") or {}).get(k) != cfg_now.get(k))
+        cfg_now = _key(cfg.to_dict())
+        if _key(old.get("config") or {}) != cfg_now:
+            diff = sorted(k for k in set(cfg_now) | set(_key(old.get("config") or {}))
+                          if _key(old.get("config") or {}).get(k) != cfg_now.get(k))
             raise ConfigError(f"{output_dir} holds a run with another config (differs in "
                               f"{', '.join(diff)}); pass --restart to start over, or choose "
                               "another output folder", source="select")
         runkey.check_same(old.get("input"), fp, str(output_dir))
+        family = old.get("kmeans", "faiss")
+        if cfg.device != "auto" and _family(cfg.device) != family:
+            raise ConfigError(f"{output_dir} holds a run whose k-means ran on "
+                              f"{'faiss' if family == 'faiss' else 'torch'}: resume it with "
+                              f"{_hint('select.device', 'faiss' if family == 'faiss' else 'cpu')} "
+                              "(or cuda), or pass --restart", source="select")
     src = _source(cfg, source_dir)
     if cfg.clip_band is not None and not src.has_text:
         raise ConfigError("the clip-score band needs text embeddings and the source has none "
@@ -219,7 +252,8 @@ def plan(cfg: SelectConfig, source_dir: str, output_dir: str, *, restart: bool =
     p = {"source": str(source_dir), "layout": src.layout, "shards": len(src.shards),
          "rows": src.rows, "dim": src.dim, "has_text": src.has_text, "k": k,
          "buckets": min(k, cfg.buckets or 64),
-         "config": json.loads(json.dumps(cfg.to_dict())), "input": fp}
+         "config": json.loads(json.dumps(cfg.to_dict())), "input": fp,
+         "kmeans": _family(kmeans.resolve(cfg.device))}
     storage.remove_temporaries(_w(output_dir))
     if old is not None:
         if old.get("rows") != p["rows"]:    # an old plan without a fingerprint
@@ -366,9 +400,11 @@ def stage_train(cfg: SelectConfig, source_dir: str, output_dir: str) -> dict:
     x = x[order]
     two = cfg.two_level == "on" or (cfg.two_level == "auto" and k > cfg.flat_max_k)
     t0 = time.perf_counter()
-    cents = cluster.train(x, k, seed=cfg.seed, niter=cfg.niter, two_level=two, nprobe=cfg.nprobe)
+    dev = _device(cfg, p)
+    cents = cluster.train(x, k, seed=cfg.seed, niter=cfg.niter, two_level=two, nprobe=cfg.nprobe,
+                          device=dev)
     cents.save(_w(output_dir, "centroids.npz"))
-    info = {"k": k, "sample": int(len(x)), "two_level": two, "valid_rows": int(n_valid),
+    info = {"k": k, "sample": int(len(x)), "two_level": two, "valid_rows": int(n_valid), "device": dev,
             "seconds": round(time.perf_counter() - t0, 3)}
     storage.mark_done(_w(output_dir), name, info)
     return info
@@ -390,7 +426,8 @@ def stage_assign(cfg: SelectConfig, source_dir: str, output_dir: str, shard: int
     vhash = valid.column("hash").to_numpy()
     meta = _metadata(src, sh, vrows)
     cents = cluster.Centroids.load(_w(output_dir, "centroids.npz"))
-    index = cents.index()
+    dev = _device(cfg, p)
+    index = cents.index(dev)
     nb = p["buckets"]
     counts = np.zeros(nb, np.int64)
     schema = schemas.survivors(_carried(src))
@@ -409,7 +446,7 @@ def stage_assign(cfg: SelectConfig, source_dir: str, output_dir: str, shard: int
             # the batch is a fresh float32 array: take and scale rows in place
             img = batch.img if hi - lo == len(batch.img) else batch.img[local]
             img = cluster.unit(img, out=img)
-            lab, cos = cluster.assign(cents, img, index, normalized=True)
+            lab, cos = cluster.assign(cents, img, index, normalized=True, device=dev)
             if batch.txt is not None:
                 txt = batch.txt if hi - lo == len(batch.txt) else batch.txt[local]
                 clip = np.einsum("ij,ij->i", img, cluster.unit(txt, out=txt)).astype(np.float32)
@@ -541,6 +578,7 @@ def stage_dedup(cfg: SelectConfig, source_dir: str, output_dir: str, bucket: int
     starts = np.flatnonzero(np.r_[True, cl[order][1:] != cl[order][:-1]]) if len(order) else \
         np.zeros(0, np.int64)
     ends = np.r_[starts[1:], len(order)].astype(np.int64)
+    dev = _device(cfg, p)
     t0 = time.perf_counter()
     largest = int((ends - starts).max()) if len(starts) else 0
     # clusters in groups of about DEDUP_BUDGET bytes of vectors: one pass over the shard
@@ -570,7 +608,8 @@ def stage_dedup(cfg: SelectConfig, source_dir: str, output_dir: str, bucket: int
                     edges_a.append(vrows[v0 + a0 + i])     # visitor's row in the bucket files
                     edges_b.append(idx[j])                 # member's row in `t`
             if cfg.policy == "bunny":
-                lab = dedup.components(x, cfg.threshold, cfg.block, cfg.method, st)
+                lab = dedup.components(x, cfg.threshold, cfg.block, cfg.method, st,
+                                       device=None if dev == "faiss" else dev)
                 # `random` hashes the component's smallest uid, so it needs the strings
                 names = (np.asarray(uid_col.take(idx).to_pylist(), dtype=object)
                          if cfg.keep == "random" else rank[idx])

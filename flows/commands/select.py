@@ -35,6 +35,10 @@ def add_arguments(p) -> None:
                    help="cluster: duplicates linked inside each k-means cluster (Bunny, SemDeDup); "
                         "global: also across cluster borders, as far as the geometry allows "
                         "(the components of the whole graph)")
+    p.add_argument("--device", default="auto", metavar="auto|faiss|cpu|cuda[:N]",
+                   help="where k-means and the pairwise step run: auto (cuda when present, "
+                        "else faiss), faiss (CPU), or a torch device; cpu and cuda give "
+                        "byte-identical outputs")
     p.add_argument("--restart", action="store_true",
                    help="delete the run in --output (its selection files only) and start over; "
                         "without it a rerun resumes, and refuses when the input or config changed")
@@ -51,7 +55,8 @@ def run(args) -> int:
         k=args.k, threshold=args.threshold, clip_band=args.clip_band,
         centroid_band=args.centroid_band, target=args.target, seed=args.seed, keep=args.keep,
         policy=args.policy, eps=args.eps, uid_column=args.uid_column, buckets=args.buckets,
-        two_level=args.two_level, method=args.method, dedup_scope=args.dedup_scope)
+        two_level=args.two_level, method=args.method, dedup_scope=args.dedup_scope,
+        device=args.device)
     if args.policy == "semdedup" and args.keep == "middle":
         cfg = select.SelectConfig(**{**cfg.to_dict(), "keep": "far"})
     stats = select.run(cfg, args.input, args.output, progress=not args.quiet,
