@@ -81,21 +81,42 @@ def _unit64(v: np.ndarray) -> np.ndarray:
     return (v / np.maximum(np.sqrt(np.einsum("ij,ij->i", v, v)), 1e-300)[:, None]).astype(np.float32)
 
 
+class _Fixed:
+    """The rows as 64-bit fixed-point integers on the device, made once when they fit
+    (the same rows are summed every iteration), else a chunk at a time."""
+
+    KEEP = 1 << 30          # bytes
+
+    def __init__(self, x: np.ndarray, device: str):
+        torch, self.dev = _torch(device)
+        self.x, n = x, len(x)
+        shift = min(40, 62 - int(np.ceil(np.log2(n + 1))))     # n rows of |v| <= 2^shift fit int64
+        self.scale = float(2 ** shift)
+        self.kept = self._make(0, n) if x.size * 8 <= self.KEEP else None
+
+    def _make(self, s, e):
+        import torch
+        return torch.round(torch.from_numpy(np.ascontiguousarray(self.x[s:e], np.float32))
+                           .to(self.dev).double() * self.scale).long()
+
+    def chunks(self):
+        n = len(self.x)
+        for s in range(0, n, ROWS):
+            yield s, (self.kept[s:s + ROWS] if self.kept is not None else self._make(s, s + ROWS))
+
+
 def update(x: np.ndarray, lab: np.ndarray, c: np.ndarray, device: str,
-           rng: np.random.Generator | None = None) -> np.ndarray:
+           rng: np.random.Generator | None = None, fixed: _Fixed | None = None) -> np.ndarray:
     """New unit centroids: each the normalised exact sum of its rows (int64 fixed point on
     the device, float64 on the CPU); an empty cluster keeps its centroid, or with `rng`
     is reseeded from a row of the largest cluster."""
     torch, dev = _torch(device)
-    n, d = x.shape
-    k = len(c)
-    shift = min(40, 62 - int(np.ceil(np.log2(n + 1))))        # n rows of |v| <= 2^shift fit int64
-    scale = float(2 ** shift)
+    fixed = fixed or _Fixed(x, device)
+    k, d = c.shape
     sums = torch.zeros((k, d), dtype=torch.int64, device=dev)
-    for s in range(0, n, ROWS):
-        xi = torch.round(torch.from_numpy(np.ascontiguousarray(x[s:s + ROWS], np.float32)).to(dev)
-                         .double() * scale).long()
-        sums.index_add_(0, torch.from_numpy(np.ascontiguousarray(lab[s:s + ROWS])).to(dev), xi)
+    labt = torch.from_numpy(np.ascontiguousarray(lab, np.int64)).to(dev)
+    for s, xi in fixed.chunks():
+        sums.index_add_(0, labt[s:s + len(xi)], xi)
     counts = np.bincount(lab, minlength=k)
     new = sums.cpu().numpy()
     filled = counts > 0
@@ -114,6 +135,7 @@ def train(x: np.ndarray, k: int, seed: int, niter: int, device: str) -> np.ndarr
     """(k, d) unit centroids from unit float32 rows `x` (Lloyd iterations, cosine)."""
     rng = np.random.default_rng(seed)
     c = np.ascontiguousarray(x[np.sort(rng.choice(len(x), k, replace=False))], np.float32)
+    fixed = _Fixed(x, device)
     for _ in range(niter):
-        c = update(x, nearest(x, c, device), c, device, rng)
+        c = update(x, nearest(x, c, device), c, device, rng, fixed)
     return c

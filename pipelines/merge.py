@@ -89,9 +89,10 @@ def merged(paths: Sequence[str], keys: list[str], columns: list[str] | None = No
 class RowGroupWriter:
     """A Parquet file written in exact `row_group_size` row groups (see module doc)."""
 
-    def __init__(self, path: str, schema: pa.Schema, row_group_size: int = 64_000):
+    def __init__(self, path: str, schema: pa.Schema, row_group_size: int = 64_000,
+                 durable: bool = True):
         self.schema, self.size = schema, row_group_size
-        self._ctx = storage.atomic_open(path)
+        self._ctx = storage.atomic_open(path, "wb", durable)
         self._f = self._ctx.__enter__()
         self._w = pq.ParquetWriter(self._f, schema, compression="zstd")
         self._pending: list[pa.Table] = []
@@ -148,7 +149,7 @@ def merge(paths: Sequence[str], out: str, keys: list[str], schema: pa.Schema,
         nxt = []
         for g in range(0, len(paths), FAN_IN):
             p = storage.join(tmp_dir, f"merge-{level}-{g // FAN_IN:05d}.parquet")
-            with RowGroupWriter(p, schema, RUN_ROWS) as w:
+            with RowGroupWriter(p, schema, RUN_ROWS, durable=False) as w:
                 for t in merged(paths[g:g + FAN_IN], keys, schema.names):
                     w.write(t)
             nxt.append(p)

@@ -121,12 +121,13 @@ def temp_name(p: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str, mode: str = "wb") -> Iterator[Any]:
+def atomic_open(path: str, mode: str = "wb", durable: bool = True) -> Iterator[Any]:
     """Open a temporary sibling of `path`; rename it over `path` only on success.
 
     On the local file system the file is fsynced before the rename and its folder after
-    it, so a finished write survives a power cut, not only a kill. Any failure to write
-    (no space, read-only, a file where a folder should be) raises OutputError."""
+    it, so a finished write survives a power cut, not only a kill (`durable=False` skips
+    both: for scratch files a step rewrites from scratch whenever it runs). Any failure
+    to write (no space, read-only, a file where a folder should be) raises OutputError."""
     fs, p = filesystem(path)
     parent = os.path.dirname(p)
     local = is_local(path)
@@ -142,14 +143,15 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[Any]:
             yield _Guarded(f, str(path))
             try:
                 f.flush()
-                if local:
+                if local and durable:
                     os.fsync(f.fileno())
             except OSError as e:
                 raise write_failure(path, e) from None
         try:
             if local:
                 os.replace(tmp, p)
-                _fsync_dir(parent)
+                if durable:
+                    _fsync_dir(parent)
             else:
                 fs.mv(tmp, p)
         except OSError as e:
@@ -196,11 +198,11 @@ def read_json(path: str) -> Any:
 
 
 def write_table(table: pa.Table, path: str, schema: pa.Schema | None = None,
-                row_group_size: int = 64_000) -> None:
+                row_group_size: int = 64_000, durable: bool = True) -> None:
     """Write a Parquet file atomically, cast to the explicit `schema` when given."""
     if schema is not None:
         table = table.select(schema.names).cast(schema)
-    with atomic_open(path, "wb") as f:
+    with atomic_open(path, "wb", durable) as f:
         pq.write_table(table, f, row_group_size=row_group_size, compression="zstd")
 
 
