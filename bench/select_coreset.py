@@ -77,12 +77,14 @@ def child(args: list[str], env: dict | None = None, prefix: list[str] | None = N
     t = time.perf_counter()
     p = subprocess.Popen((prefix or []) + [sys.executable] + args, cwd=ROOT, stdout=subprocess.PIPE,
                          text=True, env={**os.environ, **(env or {})})
-    out, _ = p.communicate()
+    out = p.stdout.read()
+    _, status, usage = os.wait4(p.pid, 0)      # CPU seconds: steadier than wall on a busy machine
     wall = time.perf_counter() - t
-    if p.returncode != 0:
+    if status != 0:
         raise SystemExit(f"child failed: {args}")
     hwm = [float(ln.split()[1]) for ln in out.splitlines() if ln.startswith("HWM ")]
-    return {"wall_s": wall, "peak_rss_gb": hwm[-1] if hwm else float("nan"),
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_rss_gb": hwm[-1] if hwm else float("nan"),
             "stdout": [ln for ln in out.splitlines() if not ln.startswith("HWM ")]}
 
 
@@ -103,8 +105,8 @@ def run_arm(src: str, out: str, method: str, k: int, *extra: str) -> dict:
             "executed_gflops": d["flops"] / max(d["seconds"], 1e-9) / 1e9,
             "skipped_blocks": d["skipped_blocks"], "rechecked": d["rechecked"],
             "largest_cluster": d["largest_cluster"], "coreset_rows": stats["coreset_rows"],
-            "stage_s": stats.get("seconds", {}), "stage_peak_rss_gb": stats.get("peak_rss_gb", {}),
-            "out": out}
+            "stage_s": stats.get("seconds", {}), "stage_cpu_s": stats.get("cpu_seconds", {}),
+            "stage_peak_rss_gb": stats.get("peak_rss_gb", {}), "out": out}
 
 
 def same_bytes(a: str, b: str, files=("coreset.parquet", "rejects.parquet")) -> bool:
@@ -137,6 +139,8 @@ def bench_pairwise(a, work: str) -> dict:
           f"blocks skipped {w['skipped_blocks']}, pairs rechecked exactly {w['rechecked']:,}")
     for name, r in (("warren", w), ("baseline", b)):
         print(f"stage seconds, {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["stage_s"].items()))
+        print(f"stage CPU seconds, {name}: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in r["stage_cpu_s"].items()))
     print(f"identical keep/drop decisions (coreset + rejects bytes): {identical}")
     if not identical:
         raise SystemExit("decisions differ between the arms")
@@ -229,7 +233,8 @@ def bench_semdedup(a, work: str) -> dict:
         print(f"  running {arm} on {n:,} x {dim}, k={k}", file=sys.stderr)
         if arm == "warren":
             res[arm] = child(select_args(src, out, k))
-            res[arm]["stage_s"] = json.load(open(os.path.join(out, "stats.json")))["seconds"]
+            st = json.load(open(os.path.join(out, "stats.json")))
+            res[arm]["stage_s"], res[arm]["stage_cpu_s"] = st["seconds"], st.get("cpu_seconds", {})
         else:
             res[arm] = child(["-c", "import sys; sys.path.insert(0, 'bench')\n"
                               "from select_coreset import semdedup_method\n"
@@ -240,7 +245,11 @@ def bench_semdedup(a, work: str) -> dict:
     print(f"{'wall seconds':24}{w['wall_s']:10.1f}{b['wall_s']:17.1f}{b['wall_s'] / w['wall_s']:8.1f}x")
     print(f"{'peak RSS GB':24}{w['peak_rss_gb']:10.2f}{b['peak_rss_gb']:17.2f}")
     print("warren stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in w["stage_s"].items()))
-    return {"semdedup": {"warren": w, "baseline": b, "ratio": b["wall_s"] / w["wall_s"]}}
+    print("warren stage CPU seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in w["stage_cpu_s"].items()))
+    print(f"CPU seconds (user+sys of the whole process): warren {w['cpu_s']:.1f}, "
+          f"SemDeDup method {b['cpu_s']:.1f}: {b['cpu_s'] / w['cpu_s']:.1f}x")
+    return {"semdedup": {"warren": w, "baseline": b, "ratio": b["wall_s"] / w["wall_s"],
+                         "cpu_ratio": b["cpu_s"] / w["cpu_s"]}}
 
 
 # -- what the global dedup scope costs -------------------------------------------------------
@@ -258,12 +267,15 @@ def bench_global(a, work: str) -> dict:
                        .get("visitors", 0) for f in os.listdir(os.path.join(out, "_work", "_completions"))
                        if f.startswith("assign-"))
         res[scope] = {"wall_s": r["wall_s"], "stage_s": st["seconds"], "visitors": visitors,
+                      "stage_cpu_s": st.get("cpu_seconds", {}),
                       "dedup_kept": st["funnel"]["dedup"], "cross": st["dedup"].get("cross_border")}
     c, g = res["cluster"], res["global"]
     print(f"\n--dedup-scope on {n:,} x {dim}, k = {k}")
     print(f"{'':26}{'cluster':>10}{'global':>10}")
     for key in ("assign", "dedup", "finish", "total"):
         print(f"{key + ' seconds':26}{c['stage_s'][key]:10.2f}{g['stage_s'][key]:10.2f}")
+    for key in ("assign", "dedup", "finish"):
+        print(f"{key + ' CPU seconds':26}{c['stage_cpu_s'][key]:10.2f}{g['stage_cpu_s'][key]:10.2f}")
     print(f"{'rows after dedup':26}{c['dedup_kept']:10,}{g['dedup_kept']:10,}")
     print(f"visitor rows (compared across a border): {g['visitors']:,} "
           f"({g['visitors'] / n:.2%} of rows); cross-border: {g['cross']}")

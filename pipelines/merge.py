@@ -24,16 +24,17 @@ import pyarrow.parquet as pq
 from pipelines import storage
 
 BUFFER = 4096       # rows read from a run at a time
-RUN_ROWS = 8192     # row group size of a run: Parquet decodes a row group's column chunks
+RUN_ROWS = 2048     # row group size of a run: Parquet decodes a row group's column chunks
                     # whole, so this (not BUFFER) bounds what each open run holds
+WIDE_RUN_ROWS = 512   # the same for wide rows (the coreset's text and carried columns)
 FAN_IN = 64
 
 
 class _Run:
-    def __init__(self, path: str, columns: list[str] | None):
+    def __init__(self, path: str, columns: list[str] | None, batch: int):
         fs, p = storage.filesystem(path)
         self._f = fs.open(p, "rb")
-        self._it = pq.ParquetFile(self._f).iter_batches(batch_size=BUFFER, columns=columns)
+        self._it = pq.ParquetFile(self._f).iter_batches(batch_size=batch, columns=columns)
         self.buf: pa.Table | None = None
         self.done = False
         self.fill()
@@ -66,10 +67,11 @@ def _not_after(t: pa.Table, bound: tuple, keys: list[str]) -> int:
     return int(pc.sum(mask).as_py() or 0)
 
 
-def merged(paths: Sequence[str], keys: list[str], columns: list[str] | None = None):
+def merged(paths: Sequence[str], keys: list[str], columns: list[str] | None = None,
+           batch: int | None = None):
     """Sorted tables, in order, that together are the merge of the sorted runs."""
     order = [(k, "ascending") for k in keys]
-    runs = [r for r in (_Run(p, columns) for p in paths) if not r.done]
+    runs = [r for r in (_Run(p, columns, batch or BUFFER) for p in paths) if not r.done]
     while runs:
         bound = min((_key(r.buf, r.buf.num_rows - 1, keys) for r in runs))
         parts = []
@@ -140,23 +142,25 @@ class RowGroupWriter:
 
 def merge(paths: Sequence[str], out: str, keys: list[str], schema: pa.Schema,
           tmp_dir: str, on_chunk: Callable[[pa.Table], None] | None = None,
-          row_group_size: int = 64_000) -> int:
+          row_group_size: int = 64_000, run_rows: int = RUN_ROWS) -> int:
     """Merge sorted runs into `out`; returns the row count. `on_chunk` sees every sorted
-    chunk in order (to count or check on the way)."""
+    chunk in order (to count or check on the way). `run_rows`: the runs' row group size
+    (intermediate runs are written with it; runs are read that many rows at a time)."""
+    batch = min(BUFFER, run_rows)
     paths = list(paths)
     level = 0
     while len(paths) > FAN_IN:             # bounded open runs: merge in rounds
         nxt = []
         for g in range(0, len(paths), FAN_IN):
             p = storage.join(tmp_dir, f"merge-{level}-{g // FAN_IN:05d}.parquet")
-            with RowGroupWriter(p, schema, RUN_ROWS, durable=False) as w:
-                for t in merged(paths[g:g + FAN_IN], keys, schema.names):
+            with RowGroupWriter(p, schema, run_rows, durable=False) as w:
+                for t in merged(paths[g:g + FAN_IN], keys, schema.names, batch):
                     w.write(t)
             nxt.append(p)
         _remove([p for p in paths if os.path.basename(p).startswith("merge-")])
         paths, level = nxt, level + 1
     with RowGroupWriter(out, schema, row_group_size) as w:
-        for t in merged(paths, keys, schema.names):
+        for t in merged(paths, keys, schema.names, batch):
             if on_chunk is not None:
                 on_chunk(t)
             w.write(t)

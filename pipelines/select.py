@@ -46,6 +46,9 @@ OUTPUTS = ("coreset.parquet", "rejects.parquet", "centroids.npy", "stats.json",
 WORK_ENTRIES = ("plan.json", "shards.json", "centroids.npz", "valid", "rejects", "assign",
                 "dedup", "finish")
 STAGES = ("validate", "train", "assign", "dedup", "link", "finish")
+# Default bucket count: 64, or one per 2M rows beyond 128M (LAION-2B: 1,150), so that a
+# dedup task's table stays ~0.5 GB (its vectors are read a cluster group at a time).
+BUCKET_ROWS = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,8 @@ class SelectConfig:
     policy: Literal["bunny", "semdedup"] = "bunny"
     eps: float | None = None             # semdedup: drop when cos > 1 - eps (default 1 - threshold)
     uid_column: str = "key"
-    buckets: int | None = None           # dedup work units; None: min(k, 64)
-    train_sample: int | None = None      # k-means training rows; None: max(50k, 64k) capped at n
+    buckets: int | None = None           # dedup work units; None: min(k, max(64, rows / 2M))
+    train_sample: int | None = None      # k-means training rows; None: max(10k, 64 k) capped at n
     niter: int = 20
     two_level: Literal["auto", "on", "off"] = "auto"
     flat_max_k: int = 4096               # auto: two-level k-means above this k
@@ -251,7 +254,7 @@ def plan(cfg: SelectConfig, source_dir: str, output_dir: str, *, restart: bool =
     k = cfg.k or max(1, int(round(src.rows / cfg.avg_cluster)))
     p = {"source": str(source_dir), "layout": src.layout, "shards": len(src.shards),
          "rows": src.rows, "dim": src.dim, "has_text": src.has_text, "k": k,
-         "buckets": min(k, cfg.buckets or 64),
+         "buckets": min(k, cfg.buckets or max(64, -(-src.rows // BUCKET_ROWS))),
          "config": json.loads(json.dumps(cfg.to_dict())), "input": fp,
          "kmeans": _family(kmeans.resolve(cfg.device))}
     storage.remove_temporaries(_w(output_dir))
@@ -375,7 +378,7 @@ def stage_train(cfg: SelectConfig, source_dir: str, output_dir: str) -> dict:
     if n_valid < k:
         raise InputError(f"only {n_valid} valid rows for k={k} clusters; lower "
                          f"{setting('select.k')}", path=source_dir)
-    size = min(n_valid, cfg.train_sample or max(50_000, 64 * k))
+    size = min(n_valid, cfg.train_sample or max(10_000, 64 * k))
     # The sample is the rows with the smallest seeded uid hash: independent of sharding.
     keys = [bands.mix(t.column("hash").to_numpy().view(np.uint64), cfg.seed) for t in tables]
     cut = np.sort(np.concatenate(keys))[size - 1]
@@ -952,7 +955,7 @@ def stage_finish(cfg: SelectConfig, source_dir: str, output_dir: str,
                      _w(output_dir, "rejects", f"dedup-b{b:05d}.parquet")]
         fs, path = storage.filesystem(sv.files[b])
         with fs.open(path, "rb") as f, \
-                merge.RowGroupWriter(core_runs[-1], core_schema, merge.RUN_ROWS, False) as wc, \
+                merge.RowGroupWriter(core_runs[-1], core_schema, merge.WIDE_RUN_ROWS, False) as wc, \
                 merge.RowGroupWriter(rej_runs[-2], schemas.REJECTS, merge.RUN_ROWS, False) as wr:
             pf = pq.ParquetFile(f)
             at = 0
@@ -991,7 +994,8 @@ def stage_finish(cfg: SelectConfig, source_dir: str, output_dir: str,
             samples.extend(t.select(["uid", "caption", "clip_score"]).take(pa.array(here))
                            .to_pylist())
         seen[0] += t.num_rows
-    n_core = merge.merge(core_runs, core_path, ["uid"], core_schema, work, on_chunk=pick)
+    n_core = merge.merge(core_runs, core_path, ["uid"], core_schema, work, on_chunk=pick,
+                         run_rows=merge.WIDE_RUN_ROWS)
     by_reason: dict[str, dict[str, int]] = {}
 
     def count(t: pa.Table) -> None:
@@ -1093,6 +1097,12 @@ def _stats(output_dir, p, n_rej, by_reason, funnel, coreset_rows, cfg) -> dict:
     }
 
 
+def _cpu_seconds() -> float:
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _peak_rss_gb() -> float:
     """This process's peak resident set, GB. Linux's VmHWM belongs to this process's own
     memory map; getrusage's ru_maxrss also counts the parent's peak when the process was
@@ -1143,36 +1153,44 @@ def run(cfg: SelectConfig, source_dir: str, output_dir: str, progress: bool = Tr
 
     t0 = time.perf_counter()
     p = plan(cfg, source_dir, output_dir, restart=restart)
-    timings, peaks = {}, {}
-    s = time.perf_counter()
+    timings, peaks, cpu = {}, {}, {}
+    s, c = time.perf_counter(), _cpu_seconds()
     each_shard("validate shard", stage_validate)
     timings["validate"] = time.perf_counter() - s
+    cpu["validate"] = _cpu_seconds() - c
     peaks["validate"] = _peak_rss_gb()
     release_memory()
-    s = time.perf_counter()
+    s, c = time.perf_counter(), _cpu_seconds()
     stage_train(cfg, source_dir, output_dir)
     timings["train"] = time.perf_counter() - s
+    cpu["train"] = _cpu_seconds() - c
     peaks["train"] = _peak_rss_gb()
     release_memory()
-    s = time.perf_counter()
+    s, c = time.perf_counter(), _cpu_seconds()
     each_shard("assign shard", stage_assign)
     timings["assign"] = time.perf_counter() - s
+    cpu["assign"] = _cpu_seconds() - c
     peaks["assign"] = _peak_rss_gb()
     release_memory()
-    s = time.perf_counter()
+    s, c = time.perf_counter(), _cpu_seconds()
     for b in steps("dedup bucket", p["buckets"]):
         stage_dedup(cfg, source_dir, output_dir, b)
         release_memory()
     timings["dedup"] = time.perf_counter() - s
+    cpu["dedup"] = _cpu_seconds() - c
     peaks["dedup"] = _peak_rss_gb()
     release_memory(collect=True)
-    s = time.perf_counter()
+    s, c = time.perf_counter(), _cpu_seconds()
     stats = stage_finish(cfg, source_dir, output_dir, extra_rejects)
     timings["finish"] = time.perf_counter() - s
+    cpu["finish"] = _cpu_seconds() - c
     peaks["finish"] = _peak_rss_gb()
     release_memory()
     stats["seconds"] = {k: round(v, 3) for k, v in timings.items()}
     stats["seconds"]["total"] = round(time.perf_counter() - t0, 3)
+    # CPU seconds (all threads) per stage: what the rates in docs/scale.md are made of,
+    # steady on a busy machine where wall time is not
+    stats["cpu_seconds"] = {k: round(v, 3) for k, v in cpu.items()}
     # the process's peak RSS as of the end of each stage: where it rises is the stage
     # that set it (RSS is measured, not estimated)
     stats["peak_rss_gb"] = {k: round(v, 3) for k, v in peaks.items()}

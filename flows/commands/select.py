@@ -25,7 +25,7 @@ def add_arguments(p) -> None:
     p.add_argument("--policy", choices=["bunny", "semdedup"], default="bunny")
     p.add_argument("--eps", type=float, default=None, help="semdedup: drop when cos > 1 - eps")
     p.add_argument("--uid-column", default="key", help="uid column of the metadata (LAION: key)")
-    p.add_argument("--buckets", type=int, default=None, help="dedup work units (default min(k, 64))")
+    p.add_argument("--buckets", type=int, default=None, help="dedup work units (default min(k, max(64, rows / 2M)))")
     p.add_argument("--two-level", choices=["auto", "on", "off"], default="auto",
                    help="two-level k-means (auto: when k > 4096)")
     p.add_argument("--method", choices=["int8", "float32", "baseline"], default="int8",
