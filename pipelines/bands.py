@@ -47,10 +47,16 @@ def _order(key, uids) -> np.ndarray:
     A numpy sort of the keys; uids are read only for rows inside runs of equal keys, so
     memory stays a few bytes per row instead of a sorted copy of every uid string."""
     k = np.asarray(key, np.float64)
-    n = len(k)
     order = np.argsort(-k, kind="stable")          # NaN keys last
     sk = k[order]
     same = (sk[1:] == sk[:-1]) | (np.isnan(sk[1:]) & np.isnan(sk[:-1]))
+    return _ties_by_uid(order, same, uids)
+
+
+def _ties_by_uid(order: np.ndarray, same: np.ndarray, uids) -> np.ndarray:
+    """`order` with each run of equal keys (`same[i]`: sorted rows i and i+1 tie)
+    re-sorted by uid."""
+    n = len(order)
     if not same.any():
         return order
     tied = np.zeros(n, bool)
@@ -65,6 +71,7 @@ def _order(key, uids) -> np.ndarray:
         u = pa.array([str(x) for x in np.asarray(uids, dtype=object)[rows]], pa.string())
     within = pc.sort_indices(pa.table({"r": pa.array(run), "u": u}),
                              [("r", "ascending"), ("u", "ascending")]).to_numpy()
+    order = order.copy()
     order[pos] = rows[within]
     return order
 
@@ -80,15 +87,15 @@ def band(scores, uids, lo: float, hi: float) -> np.ndarray:
 
 
 def sample(hashes: np.ndarray, uids, target: int | None, seed: int) -> np.ndarray:
-    """Boolean mask of the seeded uniform sample of size `target` (all when None)."""
+    """Boolean mask of the seeded uniform sample of size `target` (all when None): the
+    rows with the smallest seeded hash, ties (two uids with one 64-bit hash) by uid."""
     n = len(hashes)
     if target is None or target >= n:
         return np.ones(n, bool)
-    # smallest mixed hash first: negate the rank so _order's descending sort fits
     key = mix(np.asarray(hashes).view(np.uint64), seed)
-    rank = np.empty(n, np.float64)
-    rank[np.argsort(key, kind="stable")] = np.arange(n)
-    order = _order(-rank, uids)
+    order = np.argsort(key, kind="stable")
+    sk = key[order]
+    order = _ties_by_uid(order, sk[1:] == sk[:-1], uids)
     keep = np.zeros(n, bool)
     keep[order[:target]] = True
     return keep

@@ -61,8 +61,12 @@ class Centroids:
             coarse = z["coarse"]
             return cls(z["fine"], coarse if len(coarse) else None, int(z["nprobe"]))
 
-    def index(self):
-        """A faiss index whose search returns (cos, cluster id) of the nearest centroid."""
+    def index(self, device: str = "faiss"):
+        """What `assign` searches: a faiss index (device "faiss"), or the centroids on a
+        torch device for the exact search of pipelines/kmeans.py."""
+        if device != "faiss":
+            import torch
+            return torch.from_numpy(np.ascontiguousarray(self.fine, np.float32)).to(device)
         faiss = _faiss()
         d = self.fine.shape[1]
         if self.coarse is None:
@@ -89,18 +93,25 @@ class _Held:
 
 
 def train(sample: np.ndarray, k: int, seed: int = 0, niter: int = 20,
-          two_level: bool = False, nprobe: int = 8, refine: int = 4) -> Centroids:
+          two_level: bool = False, nprobe: int = 8, refine: int = 4,
+          device: str = "faiss") -> Centroids:
     """Spherical k-means on `sample` (rows L2-normalised). Deterministic for a given
-    sample order and seed."""
+    sample order and seed. `device` "faiss": faiss on the CPU; any torch device
+    ("cpu", "cuda"): pipelines/kmeans.py, the same centroids on every device."""
     x = unit(sample)
     if k < 1 or k > len(x):
         raise InputError(f"k={k} clusters need at least k valid samples; have {len(x)}",
                          field="k")
+    exact = device != "faiss"
+    if exact:
+        from pipelines import kmeans
+    kmeans_fn = (lambda pts, kk, sd: kmeans.train(pts, kk, sd, niter, device)) if exact \
+        else (lambda pts, kk, sd: _kmeans(pts, kk, sd, niter))
     if not two_level or k < 4:
-        return Centroids(_kmeans(x, k, seed, niter))
+        return Centroids(kmeans_fn(x, k, seed))
     k1 = max(2, int(round(math.sqrt(k))))
-    coarse = _kmeans(x, k1, seed, niter)
-    cell = _nearest(coarse, x)
+    coarse = kmeans_fn(x, k1, seed)
+    cell = kmeans.nearest(x, coarse, device) if exact else _nearest(coarse, x)
     sizes = np.bincount(cell, minlength=k1)
     share = _apportion(sizes, k)
     fine = []
@@ -108,12 +119,18 @@ def train(sample: np.ndarray, k: int, seed: int = 0, niter: int = 20,
         if share[c] == 0:
             continue
         pts = x[cell == c]
-        fine.append(_kmeans(pts, int(share[c]), seed + c + 1, niter) if share[c] > 1
-                    else unit(pts.mean(0, keepdims=True)))
+        if share[c] > 1:
+            fine.append(kmeans_fn(pts, int(share[c]), seed + c + 1))
+        else:
+            fine.append(kmeans._unit64(pts.astype(np.float64).sum(0, keepdims=True)) if exact
+                        else unit(pts.mean(0, keepdims=True)))
     cents = Centroids(unit(np.concatenate(fine)), coarse, nprobe)
     # Each fine k-means saw only its own cell: a few global Lloyd steps over all fine
-    # centroids (assignment through the IVF index) undo most of the boundary damage.
+    # centroids undo most of the boundary damage.
     for _ in range(refine):
+        if exact:     # exact nearest of all fine centroids, exact sums
+            cents.fine = kmeans.update(x, kmeans.nearest(x, cents.fine, device), cents.fine, device)
+            continue
         lab, _ = assign(cents, x)
         member = csr_matrix((np.ones(len(x), np.float32), (lab, np.arange(len(x)))),
                             shape=(cents.k, len(x)))
@@ -161,12 +178,18 @@ def _nearest(centroids: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def assign(centroids: Centroids, x: np.ndarray, index=None,
-           normalized: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(cluster id, cosine to that normalised centroid) for each row of x."""
-    idx = index if index is not None else centroids.index()
+           normalized: bool = False, device: str = "faiss") -> tuple[np.ndarray, np.ndarray]:
+    """(cluster id, cosine to that normalised centroid) for each row of x. On a torch
+    device the nearest of all centroids, exactly (pipelines/kmeans.py); with faiss, its
+    index (approximate, through `nprobe` cells, for two-level centroids)."""
     xs = np.ascontiguousarray(x, np.float32) if normalized else unit(x)
-    _, lab = idx.search(xs, 1)
-    lab = lab[:, 0].astype(np.int32)
+    if device != "faiss":
+        from pipelines import kmeans
+        lab = kmeans.nearest(xs, centroids.fine, device, index).astype(np.int32)
+    else:
+        idx = index if index is not None else centroids.index()
+        _, lab = idx.search(xs, 1)
+        lab = lab[:, 0].astype(np.int32)
     # exact cosine to the chosen centroid (the index may return approximate scores)
     cos = np.einsum("ij,ij->i", xs, centroids.fine[lab]).astype(np.float32)
     return lab, cos

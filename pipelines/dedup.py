@@ -111,6 +111,13 @@ class _Edges:
         return self.labels
 
 
+def float32_margin(d: int) -> float:
+    """Largest error of a float32 dot product of two rows of norm <= 1 + NORM_SLACK, in
+    any summation order: gamma_d * sum |a_i b_i| <= 1.01 d 2^-24 ||a|| ||b|| (float16
+    products are exact in float32; only the additions round)."""
+    return 1.01 * d * 2.0 ** -24 * (1.0 + NORM_SLACK) ** 2
+
+
 def _exact(x: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     """float64 dot products of row pairs (the ground truth for near-threshold pairs)."""
     out = np.empty(len(i))
@@ -123,9 +130,10 @@ def _exact(x: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
 
 def components(x: np.ndarray, threshold: float, block: int = BLOCK,
                method: Literal["int8", "float32"] = "int8",
-               stats: PairStats | None = None) -> np.ndarray:
+               stats: PairStats | None = None, device: str | None = None) -> np.ndarray:
     """Component label (smallest member index) of each row of `x` (L2-normalised rows)
-    in the graph with an edge where cos > threshold."""
+    in the graph with an edge where cos > threshold. `device`: a torch device for the
+    int8 screen (the same graph on every device: see _components_int8_on)."""
     n = len(x)
     labels = np.arange(n)
     if n < 2:
@@ -136,6 +144,8 @@ def components(x: np.ndarray, threshold: float, block: int = BLOCK,
         return _components_baseline(x, threshold, block, labels, st)
     if method == "float32" or n <= SMALL:
         return _components_float(x, threshold, block, labels, st)
+    if device is not None:
+        return _components_int8_on(device, x, threshold, block, labels, st)
     return _components_int8(x, threshold, block, labels, st)
 
 
@@ -161,7 +171,7 @@ def _components_float(x, threshold, block, labels, st):
         sim = xf[i0:i1] @ xf[j0:j1].T
         st.blocks += 1
         st.flops += 2.0 * (i1 - i0) * (j1 - j0) * xf.shape[1]
-        ii, jj = np.nonzero(sim > threshold - 1e-5)
+        ii, jj = np.nonzero(sim > threshold - float32_margin(xf.shape[1]))
         ii, jj = ii + i0, jj + j0
         keep = jj > ii
         ii, jj = ii[keep], jj[keep]
@@ -291,6 +301,149 @@ def _components_int8(x, threshold, block, labels, st):
     return edges.flush()
 
 
+# -- duplicates across cluster borders (dedup scope "global") ------------------------------
+NORM_SLACK = 1e-3   # |1 - ||v||| of a stored float16 unit vector is below 2^-11; margin on top
+SCREEN_SLACK = 1e-4  # float32 error of the scores the border test is computed from
+
+
+def border_margin(threshold: float) -> float:
+    """h in the border test below: half the largest distance ||x - y|| of a linked pair.
+
+    Rows x (cluster c) and y (cluster c') with x.y > t and ||x||, ||y|| <= 1 + e have
+    ||x - y||^2 = ||x||^2 + ||y||^2 - 2 x.y < 2 (1 + e)^2 - 2 t. With g_x(c') = x.mu_c -
+    x.mu_c' (how much nearer x is to its own centroid than to c'), for any assignment:
+        g_x(c') + g_y(c) = (x - y).(mu_c - mu_c') <= ||x - y|| ||mu_c - mu_c'||,
+    so the smaller of the two is below h ||mu_c - mu_c'||, h = ||x - y|| / 2. Comparing
+    every row x with the members of each cluster c' where g_x(c') < h ||mu_c - mu_c'||
+    therefore finds every linked pair across a border from at least one side. In angles
+    (unit vectors, t = cos theta_t): h = sin(theta_t / 2), and the test can only hold when
+    the angle between the centroids is below 2 angle(x, mu_c) + theta_t."""
+    return 0.5 * float(np.sqrt(max(0.0, 2.0 * (1.0 + NORM_SLACK) ** 2 - 2.0 * threshold)))
+
+
+def border_candidates(x: np.ndarray, lab: np.ndarray, centroids: np.ndarray,
+                      threshold: float, gram: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(row, cluster) pairs: the clusters other than its own whose members row x must be
+    compared with (see border_margin). `x` float32 unit rows, `lab` their clusters,
+    `centroids` the unit centroids, `gram` their Gram matrix when precomputed."""
+    h = border_margin(threshold)
+    k = len(centroids)
+    rows_at_once = max(1, (1 << 22) // max(1, k))
+    out_r, out_c = [], []
+    for s in range(0, len(x), rows_at_once):
+        xs, ls = x[s:s + rows_at_once], lab[s:s + rows_at_once]
+        sc = xs @ centroids.T                                  # x . mu for every centroid
+        own = sc[np.arange(len(xs)), ls]
+        cc = gram[ls] if gram is not None else centroids[ls] @ centroids.T
+        dist = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * cc))        # ||mu_c - mu_c'||
+        hit = (own[:, None] - sc) < h * dist + SCREEN_SLACK
+        hit[np.arange(len(xs)), ls] = False
+        r, c = np.nonzero(hit)
+        out_r.append(r + s)
+        out_c.append(c)
+    if not out_r:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(out_r).astype(np.int64), np.concatenate(out_c).astype(np.int64)
+
+
+def cross_edges(a: np.ndarray, b: np.ndarray, threshold: float, block: int = BLOCK,
+                stats: PairStats | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair (i, j) with a_i . b_j > threshold, exactly: a float32 screen with a
+    margin, and the pairs near the threshold decided in float64 (exact on float16 rows)."""
+    st = stats if stats is not None else PairStats()
+    af = np.ascontiguousarray(a, np.float32)
+    bf = np.ascontiguousarray(b, np.float32)
+    ii, jj = [], []
+    for i0 in range(0, len(af), block):
+        for j0 in range(0, len(bf), block):
+            sim = af[i0:i0 + block] @ bf[j0:j0 + block].T
+            st.blocks += 1
+            st.pairs += sim.size
+            st.flops += 2.0 * sim.size * af.shape[1]
+            r, c = np.nonzero(sim > threshold - float32_margin(af.shape[1]))
+            if len(r):
+                r, c = r + i0, c + j0
+                ok = _exact_pairs(a, b, r, c) > threshold
+                st.rechecked += len(r)
+                ii.append(r[ok])
+                jj.append(c[ok])
+    if not ii:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    i, j = np.concatenate(ii).astype(np.int64), np.concatenate(jj).astype(np.int64)
+    st.edges += len(i)
+    return i, j
+
+
+def _exact_pairs(a: np.ndarray, b: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    out = np.empty(len(i))
+    for s in range(0, len(i), CHUNK):
+        out[s:s + CHUNK] = np.einsum("ij,ij->i", a[i[s:s + CHUNK]].astype(np.float64),
+                                     b[j[s:s + CHUNK]].astype(np.float64))
+    return out
+
+
+def _components_int8_on(device: str, x, threshold, block, labels, st):
+    """The int8 screen of _components_int8 with every block product on a torch device
+    (a GPU). The graph is the same as on the CPU, bit for bit: int8 products are exact
+    integers on any device; the error bound only sorts pairs into certain / unsure (a
+    device's float32 sums can move it, never the decisions), and unsure pairs are decided
+    by the same float64 computation on the CPU (exact for float16 rows: 11-bit products
+    in a 53-bit sum)."""
+    import torch
+
+    dev = torch.device(device)
+    n, d = x.shape
+    xt = torch.from_numpy(np.ascontiguousarray(x)).to(dev)
+    lo_hi = torch.aminmax(xt.float())
+    scale = max(-float(lo_hi[0]), float(lo_hi[1])) / 127.0 or 1.0
+    l1 = 0.0
+    dp, npad = d + (-d) % 8, n + (-n) % 8 + 24     # int8 GEMM shapes: multiples of 8, > 16 rows
+    qt = torch.zeros((npad, dp), dtype=torch.int8, device=dev)
+    for s0 in range(0, n, CHUNK):
+        a = xt[s0:s0 + CHUNK].float()
+        l1 = max(l1, float(a.abs().sum(1).max()))
+        qt[s0:s0 + len(a), :d] = torch.round(a / scale).to(torch.int8)
+    del xt
+    bound = error_bound(l1, d, scale)
+    s2 = scale * scale
+    lo = int(np.floor((threshold - bound) / s2))
+    hi = int(np.ceil((threshold + bound) / s2))
+    nb = (n + block - 1) // block
+    edges = _Edges(labels, 4 * block)
+    for bi, bj in _block_order(nb):
+        i0, i1 = bi * block, min(n, (bi + 1) * block)
+        j0, j1 = bj * block, min(n, (bj + 1) * block)
+        if _one_component(edges.labels, i0, i1, j0, j1):
+            st.skipped_blocks += 1
+            continue
+        a = qt[i0:i0 + max(i1 - i0 + (-(i1 - i0)) % 8, 24)]
+        b = qt[j0:j0 + (j1 - j0) + (-(j1 - j0)) % 8]
+        ct = torch._int_mm(a, b.T)[: i1 - i0, : j1 - j0]     # padding rows/columns cut off
+        if bi == bj:
+            ct.fill_diagonal_(lo)
+        st.blocks += 1
+        st.flops += 2.0 * (i1 - i0) * (j1 - j0) * d
+        rows = torch.nonzero(ct.amax(1) > lo).flatten()
+        for r0 in range(0, len(rows), EDGE_ROWS):
+            rr = rows[r0:r0 + EDGE_ROWS]
+            ri, jj = torch.nonzero(ct[rr] > lo, as_tuple=True)
+            vals = ct[rr[ri], jj].cpu().numpy()
+            ii = rr[ri].cpu().numpy() + i0
+            jj = jj.cpu().numpy() + j0
+            keep = jj > ii
+            ii, jj, vals = ii[keep], jj[keep], vals[keep]
+            unsure = vals <= hi
+            if unsure.any():
+                st.rechecked += int(unsure.sum())
+                ok = ~unsure
+                ok[unsure] = _exact(x, ii[unsure], jj[unsure]) > threshold
+                ii, jj = ii[ok], jj[ok]
+            st.edges += len(ii)
+            if len(ii):
+                edges.add(ii, jj, i0, i1, j0, j1)
+    return edges.flush()
+
+
 def choose(labels: np.ndarray, centroid_cos: np.ndarray, uids: np.ndarray, keep: Keep,
            seed: int = 0) -> np.ndarray:
     """Index of the kept member for every row's component.
@@ -348,7 +501,7 @@ def semdedup(x: np.ndarray, centroid_cos: np.ndarray, uids: np.ndarray, eps: flo
         sim = xs[i0:i1] @ xs[j0:j1].T
         st.blocks += 1
         st.flops += 2.0 * (i1 - i0) * (j1 - j0) * xs.shape[1]
-        ii, jj = np.nonzero(sim > threshold - 1e-5)
+        ii, jj = np.nonzero(sim > threshold - float32_margin(xs.shape[1]))
         ii, jj = ii + i0, jj + j0
         keepm = jj > ii
         ii, jj = ii[keepm], jj[keepm]

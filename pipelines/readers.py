@@ -11,6 +11,7 @@ the validate stage's job, which turns bad rows into rejects).
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import re
@@ -19,12 +20,17 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.ipc  # noqa: F401 (pa.ipc)
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.errors import InputError
+from pipelines.errors import InputError, setting
 
 _NPY_INDEX = re.compile(r"_(\d+)\.npy$")
+EMBEDDINGS = ("img_emb", "txt_emb")
+# Text columns with a fixed place in the coreset, and the reject reason for a row whose
+# value there is not valid UTF-8.
+TEXT = {"caption": "bad_caption", "url": "bad_url"}
 
 
 @dataclass(frozen=True)
@@ -60,15 +66,37 @@ class EmbeddingSource:
         if not self.shards:
             raise InputError("no embedding shards found (expected img_emb/*.npy + metadata/*.parquet, "
                              "or Parquet tables with an img_emb column)", path=self.root)
+        self.columns = _carried_schema(self.shards, self._schemas, self.uid_column)
+        del self._schemas
 
     @property
     def rows(self) -> int:
         return sum(s.rows for s in self.shards)
 
+    # -- a record of the opened source, so each task reopens it without a listing ------
+    def to_record(self) -> dict:
+        return {"root": self.root, "uid_column": self.uid_column, "layout": self.layout,
+                "dim": self.dim, "has_text": self.has_text,
+                "shards": [[s.meta, s.img, s.txt, s.rows] for s in self.shards],
+                "columns": base64.b64encode(self.columns.serialize().to_pybytes()).decode()}
+
+    @classmethod
+    def from_record(cls, rec: dict) -> "EmbeddingSource":
+        """The source as `to_record` saw it (no file is opened): per-shard and per-bucket
+        tasks at LAION's 2,300 shards must not each list and open every shard."""
+        self = cls.__new__(cls)
+        self.root, self.uid_column, self.layout = rec["root"], rec["uid_column"], rec["layout"]
+        self.dim, self.has_text = rec["dim"], rec["has_text"]
+        self.shards = [Shard(i, rows, meta, img, txt)
+                       for i, (meta, img, txt, rows) in enumerate(rec["shards"])]
+        self.columns = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(rec["columns"])))
+        return self
+
     # -- layout detection -------------------------------------------------------------
     def _open_laion(self):
         imgs = storage.listdir(storage.join(self.root, "img_emb"), "*.npy")
         shards, dim, has_text = [], None, True
+        self._schemas = []
         for i, img in enumerate(imgs):
             m = _NPY_INDEX.search(img)
             tag = m.group(1) if m else f"{i:04d}"
@@ -86,7 +114,9 @@ class EmbeddingSource:
             if meta_rows != n:
                 raise InputError(f"{meta_rows} metadata rows but {n} embedding rows in {img}",
                                  path=meta)
-            _require_columns(meta, [self.uid_column])
+            schema = _parquet_schema(meta)
+            _require_columns(meta, [self.uid_column], schema)
+            self._schemas.append(schema)
             if storage.exists(txt):
                 tn, td = _npy_shape(txt)
                 if (tn, td) != (n, d):
@@ -102,9 +132,11 @@ class EmbeddingSource:
     def _open_parquet(self):
         files = storage.listdir(self.root, "*.parquet")
         shards, dim, has_text = [], None, None
+        self._schemas = []
         for i, path in enumerate(files):
             schema = _parquet_schema(path)
             _require_columns(path, [self.uid_column, "img_emb"], schema)
+            self._schemas.append(pa.schema([f for f in schema if f.name not in EMBEDDINGS]))
             t = schema.field("img_emb").type
             d = t.list_size if pa.types.is_fixed_size_list(t) else None
             if d is not None:
@@ -125,8 +157,27 @@ class EmbeddingSource:
         """The shard's non-embedding columns (all of them unless `columns`)."""
         if columns is None:
             names = _parquet_schema(shard.meta).names
-            columns = [c for c in names if c not in ("img_emb", "txt_emb")]
+            columns = [c for c in names if c not in EMBEDDINGS]
         return storage.read_table(shard.meta, columns=columns)
+
+    def bad_text(self, shard: Shard) -> dict[str, np.ndarray]:
+        """Rows whose text is not valid UTF-8, per reason (`bad_caption`, `bad_url`,
+        `bad_text` for any other text column): such a row cannot be written to the
+        coreset (Parquet strings are UTF-8), so validation rejects it."""
+        names = {f.name: f.type for f in _parquet_schema(shard.meta)}
+        # caption and url in any text type; other columns only when typed as strings
+        # (a binary column is carried as bytes, valid UTF-8 or not)
+        cols = [c for c, t in names.items() if c not in EMBEDDINGS and c != self.uid_column
+                and (_is_text(t) if c in TEXT else pa.types.is_string(t) or pa.types.is_large_string(t))]
+        if not cols:
+            return {}
+        t = self.metadata(shard, cols)
+        out: dict[str, list] = {}
+        for c in cols:
+            bad = _invalid_utf8(t.column(c))
+            if len(bad):
+                out.setdefault(TEXT.get(c, "bad_text"), []).append(bad)
+        return {r: np.unique(np.concatenate(v)) for r, v in out.items()}
 
     def uids(self, shard: Shard) -> pa.StringArray:
         """The shard's uids as one Arrow string array (no Python string per row)."""
@@ -134,6 +185,11 @@ class EmbeddingSource:
         if col.null_count:
             row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
             raise InputError("uid is null", path=shard.meta, row=row, field=self.uid_column)
+        if _is_text(col.type):
+            bad = _invalid_utf8(col)
+            if len(bad):
+                raise InputError("uid is not valid UTF-8", path=shard.meta, row=int(bad[0]),
+                                 field=self.uid_column)
         return col.cast(pa.string()).combine_chunks()
 
     def batches(self, shard: Shard, batch_rows: int = 65_536,
@@ -275,6 +331,63 @@ def _npy_shape(path: str) -> tuple[int, int]:
     return int(arr.shape[0]), int(arr.shape[1])
 
 
+def _is_text(t: pa.DataType) -> bool:
+    return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
+            or pa.types.is_large_binary(t))
+
+
+def _invalid_utf8(col) -> np.ndarray:
+    """Rows of a string or binary column that are not valid UTF-8. The whole column is
+    checked in C++ first; rows are looked at one by one only when that fails."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    try:
+        if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+            col.cast(pa.large_string() if pa.types.is_large_binary(col.type) else pa.string())
+        else:
+            col.validate(full=True)
+        return np.zeros(0, np.int64)
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        pass
+    raw = col.view(pa.large_binary() if pa.types.is_large_string(col.type)
+                   or pa.types.is_large_binary(col.type) else pa.binary())
+    bad = []
+    for i, v in enumerate(raw.to_pylist()):
+        if v is not None:
+            try:
+                v.decode("utf-8")
+            except UnicodeDecodeError:
+                bad.append(i)
+    return np.asarray(bad, np.int64)
+
+
+def _carried_schema(shards: list[Shard], schemas: list[pa.Schema], uid: str) -> pa.Schema:
+    """The metadata columns over all shards, in order of first appearance. A column must
+    have one type in every shard that has it (an all-null column typed `null` fits any);
+    `caption` and `url` must be text. A mismatch is found here, when the source is
+    opened, before any work is done: found in the finish stage it cost the whole run."""
+    fields: dict[str, pa.Field] = {}
+    first: dict[str, str] = {}
+    for sh, schema in zip(shards, schemas):
+        for f in schema:
+            if f.name == uid:
+                continue
+            if f.name in TEXT and not (_is_text(f.type) or pa.types.is_null(f.type)):
+                raise InputError(f"{f.name} must be text (string), not {f.type}",
+                                 path=sh.meta, field=f.name)
+            old = fields.get(f.name)
+            if old is None or pa.types.is_null(old.type):
+                fields[f.name] = f
+                first.setdefault(f.name, sh.meta)
+                continue
+            same = old.type.equals(f.type) or pa.types.is_null(f.type) or (
+                f.name in TEXT and _is_text(old.type) and _is_text(f.type))
+            if not same:
+                raise InputError(f"type {f.type} differs from {old.type} in {first[f.name]}; "
+                                 "a column must have the same type in every shard",
+                                 path=sh.meta, field=f.name)
+    return pa.schema(list(fields.values()))
+
+
 def _parquet_schema(path: str) -> pa.Schema:
     fs, p = storage.filesystem(path)
     try:
@@ -297,8 +410,9 @@ def _require_columns(path: str, columns: list[str], schema: pa.Schema | None = N
     names = (schema or _parquet_schema(path)).names
     for c in columns:
         if c not in names:
-            raise InputError(f"missing column '{c}' (has: {', '.join(names)}); "
-                             "pass --uid-column if the uid has another name", path=path, field=c)
+            raise InputError(f"missing column '{c}' (has: {', '.join(names)}); pass "
+                             f"{setting('source.uid_column')} if the uid has another name",
+                             path=path, field=c)
 
 
 def _list_to_array(col: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:

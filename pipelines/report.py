@@ -3,12 +3,14 @@
 - the funnel per stage, and the rejects per stage and reason;
 - the cluster-size histogram (all valid rows, by k-means cluster);
 - the clip-score histogram of the dedup survivors and the centroid-cosine histogram of
-  the clip-band survivors, each with the kept band shaded (recomputed with the same
-  `bands.band` the selection used, so the shading is exact);
+  the clip-band survivors, each with the kept band shaded (histograms and kept spans
+  recorded by the finish stage as it ranked the bands, so the shading is exact);
 - thumbnails of duplicate groups (the kept member marked) and of kept samples, where
   the run has images (the pool of a URL run, or the coreset images).
 Charts are matplotlib PNGs and thumbnails JPEGs, inlined as base64: one file to mail.
 Works on any selection output folder; parts whose inputs are absent are left out.
+Reads what the stages recorded (stats.json, the dedup completion records) and a few
+coreset rows, never rejects.parquet: its memory does not grow with the run.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import bands, storage
+from pipelines import storage
 
 
 MAX_GROUPS = 8
@@ -47,15 +49,15 @@ def write(run_dir: str, path: str | None = None) -> str:
 
 
 def build(run_dir: str) -> str:
+    """The page. What the stages recorded (stats.json, the dedup stage's completion
+    records) makes every chart; of the tables only a few coreset rows are read, so the
+    report's memory does not grow with the run (rejects.parquet is never opened)."""
     stats = _json(storage.join(run_dir, "stats.json")) or {}
     curate = _json(storage.join(run_dir, "curate_stats.json")) or {}
     man = _json(storage.join(run_dir, "manifest.json")) or {}
     cfg = stats.get("config", {})
     funnel = ordered_funnel(curate.get("funnel") or stats.get("funnel") or {})
-    # Only the columns each section needs: rejects has a row per dropped input row, and
-    # the uid strings are most of its size.
-    rejects = _table(storage.join(run_dir, "rejects.parquet"), ["stage", "reason"])
-    coreset = _table(storage.join(run_dir, "coreset.parquet"))
+    dedup = _dedup_records(run_dir, stats)
     parts = [_head(run_dir, man, stats)]
     random_init = (man.get("curate") or {}).get("random_init_model")
     if random_init:
@@ -65,21 +67,28 @@ def build(run_dir: str) -> str:
                      "duplicates are pixel-level only. Real runs set <code>embed.pretrained"
                      "</code>.</p>")
     parts.append(_funnel_section(funnel))
-    if rejects is not None:
-        parts.append(_reasons_section(rejects))
-    surv = _survivors(run_dir)
-    clusters = _cluster_sizes(run_dir)
+    if "rejects_by_stage" in stats:
+        parts.append(_reasons_section(stats["rejects_by_stage"], stats.get("rejected_rows", 0)))
+    clusters = _cluster_sizes(dedup)
     if clusters is not None and len(clusters):
         parts.append(_section("Cluster sizes", _img(_hist_clusters(clusters)),
                               f"{len(clusters):,} clusters with members; largest "
                               f"{int(clusters.max()):,}, median {int(np.median(clusters)):,}."))
-    if surv is not None and surv.num_rows:
-        parts.append(_bands_section(surv, cfg))
+    if stats.get("bands"):
+        parts.append(_bands_section(stats["bands"], cfg))
     images = _image_sources(run_dir, man)
-    if rejects is not None:
-        parts.append(_dups_section(_dedup_rejects(run_dir), images, coreset))
-    if coreset is not None:
-        parts.append(_samples_section(coreset, images))
+    core_path = storage.join(run_dir, "coreset.parquet")
+    if stats.get("dedup_groups"):
+        parts.append(_dups_section(stats["dedup_groups"], images))
+    elif dedup and all("top_groups" in d for d in dedup):
+        parts.append(_dups_section({"groups": sum(d["groups"] for d in dedup),
+                                    "dropped": sum(d["dropped"] for d in dedup),
+                                    "top_groups": [t for d in dedup for t in d["top_groups"]]},
+                                   images))
+    if "samples" in stats:
+        parts.append(_samples_section(stats["samples"], stats.get("coreset_rows", 0), images))
+    elif storage.exists(core_path):     # a run from before the finish recorded them
+        parts.append(_samples_section(*_read_samples(core_path), images))
     return _page("".join(parts), run_dir)
 
 
@@ -91,45 +100,20 @@ def _json(path: str):
         return None
 
 
-def _table(path: str, columns=None) -> pa.Table | None:
-    return storage.read_table(path, columns=columns) if storage.exists(path) else None
+def _dedup_records(run_dir: str, stats: dict) -> list[dict]:
+    """What each dedup bucket recorded when it finished (cluster sizes, top groups)."""
+    out = []
+    for b in range(int(stats.get("buckets") or 0)):
+        d = _json(storage.marker_path(storage.join(run_dir, "_work"), f"dedup-{b:05d}"))
+        if d is not None:
+            out.append(d)
+    return out
 
 
-def _dedup_rejects(run_dir: str) -> pa.Table:
-    """uid, kept_uid of the duplicate rejects, read a row group at a time (the other
-    stages' rows never come into memory)."""
-    fs, p = storage.filesystem(storage.join(run_dir, "rejects.parquet"))
-    with fs.open(p, "rb") as f:
-        pf = pq.ParquetFile(f)
-        parts = [b.filter(pc.equal(b.column("stage"), "dedup")).select(["uid", "kept_uid"])
-                 for b in (pf.read_row_group(i, columns=["stage", "uid", "kept_uid"])
-                           for i in range(pf.num_row_groups))]
-    return pa.concat_tables(parts) if parts else pa.table({"uid": pa.array([], pa.string()),
-                                                           "kept_uid": pa.array([], pa.string())})
-
-
-def _survivors(run_dir: str) -> pa.Table | None:
-    files = storage.listdir(storage.join(run_dir, "_work", "dedup"), "b*.parquet")
-    if not files:
-        return None
-    return pa.concat_tables([storage.read_table(f, columns=["uid", "clip_score", "centroid_cos"])
-                             for f in files])
-
-
-def _cluster_sizes(run_dir: str) -> np.ndarray | None:
-    """Members per cluster over all valid rows (assignment parts, read a column at a time)."""
-    files = storage.listdir(storage.join(run_dir, "_work", "assign"), "b*/s*.parquet")
-    if not files:
-        return None
-    total = np.zeros(0, np.int64)
-    for f in files:
-        c = storage.read_table(f, columns=["cluster"]).column(0).to_numpy()
-        if len(c):
-            b = np.bincount(c)
-            if len(b) > len(total):
-                total = np.pad(total, (0, len(b) - len(total)))
-            total[:len(b)] += b
-    return total[total > 0]
+def _cluster_sizes(dedup: list[dict]) -> np.ndarray | None:
+    """Members per cluster over all valid rows."""
+    sizes = [np.asarray(d["clusters"][1], np.int64) for d in dedup if "clusters" in d]
+    return np.concatenate(sizes) if sizes else None
 
 
 class _Images:
@@ -190,63 +174,47 @@ def _funnel_section(funnel: dict) -> str:
     return _section("Funnel", table + _img(_bar_funnel(funnel)))
 
 
-def _reasons_section(rejects: pa.Table) -> str:
-    g = rejects.group_by(["stage", "reason"]).aggregate([([], "count_all")]).to_pylist()
-    g.sort(key=lambda r: (r["stage"], -r["count_all"]))
-    rows = "".join(f"<tr><td>{html.escape(r['stage'])}</td><td>{html.escape(r['reason'])}</td>"
-                   f"<td class='n'>{r['count_all']:,}</td></tr>" for r in g)
+def _reasons_section(by_stage: dict, total: int) -> str:
+    g = sorted(((st, r, n) for st, d in by_stage.items() for r, n in d.items()),
+               key=lambda x: (x[0], -x[2]))
+    rows = "".join(f"<tr><td>{html.escape(st)}</td><td>{html.escape(r)}</td>"
+                   f"<td class='n'>{n:,}</td></tr>" for st, r, n in g)
     return _section("Rejects by stage and reason",
                     "<table><tr><th>stage</th><th>reason</th><th>rows</th></tr>" + rows + "</table>",
-                    f"{rejects.num_rows:,} rejected rows in rejects.parquet; each input uid is in "
+                    f"{total:,} rejected rows in rejects.parquet; each input uid is in "
                     "exactly one of coreset.parquet and rejects.parquet.")
 
 
-def _bands_section(surv: pa.Table, cfg: dict) -> str:
-    clip = surv.column("clip_score").to_numpy(zero_copy_only=False).astype(np.float64)
-    cos = surv.column("centroid_cos").to_numpy(zero_copy_only=False).astype(np.float64)
-    uids = surv.column("uid")
-    alive = np.ones(len(clip), bool)
+def _bands_section(band_stats: dict, cfg: dict) -> str:
     figs = []
-    for name, col, label in (("clip_band", clip, "clip score (image · text)"),
-                             ("centroid_band", cos, "cosine to cluster centroid")):
-        rng = cfg.get(name)
-        idx = np.flatnonzero(alive)
-        vals = col[idx]
-        if np.isnan(vals).all():
+    for name, label in (("clip_band", "clip score (image · text)"),
+                        ("centroid_band", "cosine to cluster centroid")):
+        b = band_stats.get(name)
+        if not b or b.get("edges") is None:
             continue
-        kept = None
-        if rng:
-            codes = bands.band(vals, uids.take(pa.array(idx)), float(rng[0]), float(rng[1]))
-            kept = vals[codes == 0]
-            alive[idx[codes != 0]] = False
-        figs.append(_img(_hist_band(vals, kept, label, name, rng)))
+        figs.append(_img(_hist_band(b, label, name, cfg.get(name))))
     return _section("Score bands", "".join(figs),
                     "Clip scores of every dedup survivor, then centroid cosines of the clip "
                     "band's survivors (bands are chained); the shaded span is what each band kept.")
 
 
-def _dups_section(d: pa.Table, images: _Images, coreset) -> str:
-    """`d`: uid, kept_uid of the duplicate rejects."""
-    if not d.num_rows:
+def _dups_section(groups: dict, images: _Images) -> str:
+    """The largest duplicate groups, as the finish recorded them (the largest of each
+    dedup bucket, and those joined across cluster borders)."""
+    n_groups, dropped = groups["groups"], groups["dropped"]
+    if not n_groups:
         return _section("Duplicate groups", "<p>No duplicates were found.</p>")
-    # the largest groups by counting first; member lists only for those
-    sizes = d.group_by("kept_uid").aggregate([("uid", "count")])
-    n_groups = sizes.num_rows
-    top = sizes.sort_by([("uid_count", "descending"), ("kept_uid", "ascending")]).slice(0, MAX_GROUPS)
-    d = d.filter(pc.is_in(d.column("kept_uid"), top.column("kept_uid")))
-    g = d.group_by("kept_uid").aggregate([("uid", "list")]).to_pylist()
-    g.sort(key=lambda r: (-len(r["uid_list"]), r["kept_uid"]))
-    want = [r["kept_uid"] for r in g] + [u for r in g for u in sorted(r["uid_list"])[:MAX_MEMBERS - 1]]
+    g = sorted(groups["top_groups"], key=lambda t: (-t["dropped"], t["kept_uid"]))[:MAX_GROUPS]
+    want = [t["kept_uid"] for t in g] + [u for t in g for u in t["members"][:MAX_MEMBERS - 1]]
     blobs = images.get(want)
     rows = []
-    for r in g:
-        members = [r["kept_uid"]] + sorted(r["uid_list"])[:MAX_MEMBERS - 1]
-        cells = [_thumb(blobs.get(u), u, "kept" if u == r["kept_uid"] else "dropped")
+    for t in g:
+        members = [t["kept_uid"]] + t["members"][:MAX_MEMBERS - 1]
+        cells = [_thumb(blobs.get(u), u, "kept" if u == t["kept_uid"] else "dropped")
                  for u in members]
-        more = len(r["uid_list"]) + 1 - len(members)
+        more = t["dropped"] + 1 - len(members)
         tail = f"<span class='more'>+{more} more</span>" if more > 0 else ""
         rows.append(f"<div class='group'>{''.join(cells)}{tail}</div>")
-    dropped = int(pc.sum(sizes.column("uid_count")).as_py())
     note = (f"The {len(g)} largest of {n_groups:,} groups ({dropped:,} rows dropped as "
             "duplicates); the kept member has a green frame.")
     if not blobs:
@@ -254,40 +222,52 @@ def _dups_section(d: pa.Table, images: _Images, coreset) -> str:
     return _section("Duplicate groups", "".join(rows), note)
 
 
-def _samples_section(coreset: pa.Table, images: _Images) -> str:
-    n = min(MAX_SAMPLES, coreset.num_rows)
-    if not n:
+def _read_samples(core_path: str) -> tuple[list[dict], int]:
+    """Rows spread evenly over the (uid-sorted) coreset, reading only their row groups."""
+    fs, p = storage.filesystem(core_path)
+    with fs.open(p, "rb") as f:
+        pf = pq.ParquetFile(f)
+        total = pf.metadata.num_rows
+        pick = np.unique(np.linspace(0, total - 1, min(MAX_SAMPLES, total)).astype(int))
+        cols = [c for c in ("uid", "caption", "clip_score") if c in pf.schema_arrow.names]
+        sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
+        starts = np.r_[0, np.cumsum(sizes)]
+        rows = []
+        for i in range(pf.num_row_groups):
+            here = pick[(pick >= starts[i]) & (pick < starts[i + 1])] - starts[i]
+            if len(here):
+                rows += pf.read_row_group(i, columns=cols).take(pa.array(here)).to_pylist()
+    return rows, total
+
+
+def _samples_section(rows: list[dict], total: int, images: _Images) -> str:
+    if not rows:
         return _section("Kept samples", "<p>The coreset is empty.</p>")
-    # an even spread over the (uid-sorted) coreset, not just its first rows
-    pick = np.unique(np.linspace(0, coreset.num_rows - 1, n).astype(int))
-    t = coreset.take(pa.array(pick))
-    uids = t.column("uid").to_pylist()
+    uids = [r["uid"] for r in rows]
     blobs = images.get(uids)
-    caps = t.column("caption").to_pylist() if "caption" in t.column_names else [None] * len(uids)
-    clip = t.column("clip_score").to_pylist() if "clip_score" in t.column_names else [None] * len(uids)
-    cells = [_thumb(blobs.get(u), u, "sample", c, s) for u, c, s in zip(uids, caps, clip)]
+    cells = [_thumb(blobs.get(r["uid"]), r["uid"], "sample", r.get("caption"), r.get("clip_score"))
+             for r in rows]
     return _section("Kept samples", f"<div class='grid'>{''.join(cells)}</div>",
-                    f"{len(cells)} of {coreset.num_rows:,} coreset rows.")
+                    f"{len(cells)} of {total:,} coreset rows.")
 
 
 # -- rendering ------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def _figure(size):
+    """A matplotlib figure and axes without pyplot (no GUI state, a faster import)."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=size, dpi=90, layout="constrained")
+    return fig, fig.add_subplot()
 
 
 def _png(fig) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    _plt().close(fig)
+    FigureCanvasAgg(fig).print_png(buf)     # one draw: no tight-bbox second pass
     return buf.getvalue()
 
 
 def _bar_funnel(funnel: dict) -> bytes:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(funnel) + 0.8))
+    fig, ax = _figure((7, 0.35 * len(funnel) + 0.8))
     names, vals = list(funnel)[::-1], list(funnel.values())[::-1]
     ax.barh(names, vals, color="#4a7ab5")
     for y, v in enumerate(vals):
@@ -298,8 +278,7 @@ def _bar_funnel(funnel: dict) -> bytes:
 
 
 def _hist_clusters(sizes: np.ndarray) -> bytes:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig, ax = _figure((7, 3))
     hi = max(2, int(sizes.max()))
     bins = np.unique(np.geomspace(1, hi + 1, 40).astype(int))
     ax.hist(sizes, bins=bins, color="#4a7ab5")
@@ -309,14 +288,14 @@ def _hist_clusters(sizes: np.ndarray) -> bytes:
     return _png(fig)
 
 
-def _hist_band(vals, kept, label, name, rng) -> bytes:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 3))
-    v = vals[np.isfinite(vals)]
-    ax.hist(v, bins=60, color="#9aa9bd")
-    if kept is not None and len(kept):
-        ax.axvspan(float(np.min(kept)), float(np.max(kept)), color="#3c9d4e", alpha=0.3,
-                   label=f"kept: ranks {rng[0]:.0%}–{rng[1]:.0%} ({len(kept):,} of {len(v):,})")
+def _hist_band(b: dict, label, name, rng) -> bytes:
+    fig, ax = _figure((7, 3))
+    edges, counts = np.asarray(b["edges"]), np.asarray(b["counts"])
+    ax.stairs(counts, edges, fill=True, color="#9aa9bd")
+    if b.get("kept_span") and rng:
+        lo, hi = b["kept_span"]
+        ax.axvspan(lo, hi, color="#3c9d4e", alpha=0.3,
+                   label=f"kept: ranks {rng[0]:.0%}–{rng[1]:.0%} ({b['out']:,} of {b['in']:,})")
         ax.legend(loc="upper left", fontsize=8)
     ax.set_xlabel(label)
     ax.set_ylabel("rows")

@@ -37,6 +37,14 @@ ASSIGNMENTS = pa.schema([
 # Survivors of dedup inside one cluster bucket (same columns as ASSIGNMENTS).
 SURVIVORS = ASSIGNMENTS
 
+
+def survivors(carried: pa.Schema) -> pa.Schema:
+    """Rows between assign and finish: ASSIGNMENTS, then the text and carried metadata
+    (so the finish writes the coreset without joining the input again)."""
+    return pa.schema(list(ASSIGNMENTS) + [pa.field("url", pa.string()),
+                                          pa.field("caption", pa.string())] + list(carried))
+
+
 # The fixed head of coreset.parquet; carried metadata columns follow it.
 CORESET = pa.schema([
     pa.field(UID, pa.string(), nullable=False),
@@ -46,6 +54,12 @@ CORESET = pa.schema([
     pa.field("clip_score", pa.float32()),
     pa.field("centroid_cos", pa.float32(), nullable=False),
 ])
+
+
+def coreset(carried: pa.Schema) -> pa.Schema:
+    """coreset.parquet: the fixed head, then the carried metadata columns."""
+    return pa.schema(list(CORESET) + list(carried))
+
 
 REJECTS = pa.schema([
     pa.field(UID, pa.string(), nullable=False),

@@ -7,9 +7,11 @@ rerun skip finished units of work.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import uuid
 from typing import Any, Iterator
 
@@ -17,7 +19,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.errors import InputError
+from pipelines.errors import InputError, OutputError
 
 COMPLETIONS = "_completions"
 
@@ -46,7 +48,10 @@ def exists(path: str) -> bool:
 
 def makedirs(path: str) -> str:
     fs, p = filesystem(path)
-    fs.makedirs(p, exist_ok=True)
+    try:
+        fs.makedirs(p, exist_ok=True)
+    except OSError as e:
+        raise write_failure(path, e) from None
     return str(path)
 
 
@@ -58,22 +63,118 @@ def listdir(path: str, pattern: str = "*") -> list[str]:
     return [proto + f if proto and not f.startswith(proto) else f for f in found]
 
 
+# The name of every temporary Warren writes: `.{final name}.tmp-{8 hex}`. Cleanup of a
+# killed run's leftovers deletes only names of exactly this form (never a user's
+# `notes.tmp-1`), and only inside Warren's own work folder.
+TEMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{8}$")
+
+_REASONS = {errno.ENOSPC: "no space left on device", errno.EROFS: "read-only file system",
+            errno.ENOTDIR: "a part of the path is a file, not a folder",
+            errno.EISDIR: "it is a folder", errno.EEXIST: "a file is in the way",
+            errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+            errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large"}
+
+
+def write_failure(path: str, err: OSError) -> OutputError:
+    """The one-line error for an output that could not be written."""
+    reason = _REASONS.get(err.errno) or (os.strerror(err.errno).lower() if err.errno
+                                          else str(err) or type(err).__name__)
+    return OutputError(str(path), reason)
+
+
+class _Guarded:
+    """A file whose write errors (ENOSPC, EROFS, ...) name the output being written. A
+    raw OSError from a write would otherwise reach the user as a traceback, or be
+    confused with an unreadable input read inside the same `with` block."""
+
+    def __init__(self, f, path: str):
+        self._f, self._path = f, path
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            raise write_failure(self._path, e) from None
+
+    def flush(self):
+        try:
+            return self._f.flush()
+        except OSError as e:
+            raise write_failure(self._path, e) from None
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_name(p: str) -> str:
+    parent, base = os.path.split(p)
+    name = f".{base}.tmp-{uuid.uuid4().hex[:8]}"
+    return f"{parent}/{name}" if parent else name
+
+
 @contextlib.contextmanager
-def atomic_open(path: str, mode: str = "wb") -> Iterator[Any]:
-    """Open a temporary sibling of `path`; rename it over `path` only on success."""
+def atomic_open(path: str, mode: str = "wb", durable: bool = True) -> Iterator[Any]:
+    """Open a temporary sibling of `path`; rename it over `path` only on success.
+
+    On the local file system the file is fsynced before the rename and its folder after
+    it, so a finished write survives a power cut, not only a kill (`durable=False` skips
+    both: for scratch files a step rewrites from scratch whenever it runs). Any failure
+    to write (no space, read-only, a file where a folder should be) raises OutputError."""
     fs, p = filesystem(path)
     parent = os.path.dirname(p)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/.{os.path.basename(p)}.tmp-{uuid.uuid4().hex[:8]}" if parent \
-        else f".{p}.tmp-{uuid.uuid4().hex[:8]}"
+    local = is_local(path)
+    tmp = temp_name(p)
     try:
-        with fs.open(tmp, mode) as f:
-            yield f
-        fs.mv(tmp, p)
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        f = open(tmp, mode) if local else fs.open(tmp, mode)
+    except OSError as e:
+        raise write_failure(path, e) from None
+    try:
+        with f:
+            yield _Guarded(f, str(path))
+            try:
+                f.flush()
+                if local and durable:
+                    os.fsync(f.fileno())
+            except OSError as e:
+                raise write_failure(path, e) from None
+        try:
+            if local:
+                os.replace(tmp, p)
+                if durable:
+                    _fsync_dir(parent)
+            else:
+                fs.mv(tmp, p)
+        except OSError as e:
+            raise write_failure(path, e) from None
     finally:
-        if fs.exists(tmp):
-            fs.rm(tmp)
+        try:
+            if (os.path.lexists(tmp) if local else fs.exists(tmp)):
+                os.remove(tmp) if local else fs.rm(tmp)
+        except OSError:     # cleaning up after a failed write must not hide its error
+            pass
+
+
+def remove_temporaries(folder: str) -> int:
+    """Delete the temporaries a killed run left under `folder` (names of TEMP_NAME's
+    form only); returns how many. Call it only on a folder Warren owns."""
+    fs, p = filesystem(folder)
+    n = 0
+    if fs.isdir(p):
+        for f in fs.find(p):
+            if TEMP_NAME.match(f.rsplit("/", 1)[-1]):
+                fs.rm(f)
+                n += 1
+    return n
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -97,11 +198,11 @@ def read_json(path: str) -> Any:
 
 
 def write_table(table: pa.Table, path: str, schema: pa.Schema | None = None,
-                row_group_size: int = 64_000) -> None:
+                row_group_size: int = 64_000, durable: bool = True) -> None:
     """Write a Parquet file atomically, cast to the explicit `schema` when given."""
     if schema is not None:
         table = table.select(schema.names).cast(schema)
-    with atomic_open(path, "wb") as f:
+    with atomic_open(path, "wb", durable) as f:
         pq.write_table(table, f, row_group_size=row_group_size, compression="zstd")
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from pipelines import bands, cluster, select
 from pipelines.synth import embeddings as synth
-from pipelines.errors import ConfigError, InputError
+from pipelines.errors import ConfigError, InputError, WarrenError
 from tests.embedding_fixtures import check_accounting, unit, write_laion, write_warren_parquet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -301,8 +301,10 @@ def test_partial_run_resumes_to_the_same_result(synth_src, synth_run, tmp_path):
         select.stage_validate(cfg, src, out, s)
     select.stage_train(cfg, src, out)
     select.stage_assign(cfg, src, out, 0)
-    select.stage_dedup(cfg, src, out, 0)   # a bucket missing shards 1, 2: must not count as done
-    os.remove(os.path.join(out, "_work", "_completions", "dedup-00000.json"))
+    with pytest.raises(WarrenError, match="dedup of bucket 0 needs every shard assigned; "
+                                          "shard 1 is not"):
+        select.stage_dedup(cfg, src, out, 0)   # a bucket missing shards 1, 2 is refused
+    assert not os.path.exists(os.path.join(out, "_work", "_completions", "dedup-00000.json"))
     select.run(cfg, src, out, progress=False)
     for f in ("coreset.parquet", "rejects.parquet"):
         assert open(os.path.join(out, f), "rb").read() == open(os.path.join(full, f), "rb").read()
