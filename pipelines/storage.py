@@ -70,7 +70,7 @@ TEMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{8}$")
 
 _REASONS = {errno.ENOSPC: "no space left on device", errno.EROFS: "read-only file system",
             errno.ENOTDIR: "a part of the path is a file, not a folder",
-            errno.EISDIR: "it is a folder", errno.EEXIST: "a file is in the way",
+            errno.EISDIR: "it is a folder", errno.EEXIST: "a file is in the way of the output folder",
             errno.EACCES: "permission denied", errno.EPERM: "permission denied",
             errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large"}
 
