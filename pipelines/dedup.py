@@ -286,19 +286,24 @@ def _components_int8(x, threshold, block, labels, st):
             sub = c[rr]
             ri, jj = np.nonzero(sub > lo)
             vals = sub[ri, jj]
-            ii, jj = rr[ri] + i0, jj + j0
-            keep = jj > ii
-            ii, jj, vals = ii[keep], jj[keep], vals[keep]
-            unsure = vals <= hi
-            if unsure.any():
-                st.rechecked += int(unsure.sum())
-                ok = ~unsure
-                ok[unsure] = _exact(x, ii[unsure], jj[unsure]) > threshold
-                ii, jj = ii[ok], jj[ok]
-            st.edges += len(ii)
-            if len(ii):
-                edges.add(ii, jj, i0, i1, j0, j1)
+            _add_edges(edges, st, x, rr[ri] + i0, jj + j0, vals, hi, threshold, (i0, i1, j0, j1))
     return edges.flush()
+
+
+def _add_edges(edges, st, x, ii, jj, vals, hi, threshold, block) -> None:
+    """The screened pairs (ii, jj) of one block into the edge list: each pair once (j > i),
+    those the int8 screen cannot decide (value <= hi) rechecked exactly in float64."""
+    keep = jj > ii
+    ii, jj, vals = ii[keep], jj[keep], vals[keep]
+    unsure = vals <= hi
+    if unsure.any():
+        st.rechecked += int(unsure.sum())
+        ok = ~unsure
+        ok[unsure] = _exact(x, ii[unsure], jj[unsure]) > threshold
+        ii, jj = ii[ok], jj[ok]
+    st.edges += len(ii)
+    if len(ii):
+        edges.add(ii, jj, *block)
 
 
 # -- duplicates across cluster borders (dedup scope "global") ------------------------------
@@ -428,19 +433,8 @@ def _components_int8_on(device: str, x, threshold, block, labels, st):
             rr = rows[r0:r0 + EDGE_ROWS]
             ri, jj = torch.nonzero(ct[rr] > lo, as_tuple=True)
             vals = ct[rr[ri], jj].cpu().numpy()
-            ii = rr[ri].cpu().numpy() + i0
-            jj = jj.cpu().numpy() + j0
-            keep = jj > ii
-            ii, jj, vals = ii[keep], jj[keep], vals[keep]
-            unsure = vals <= hi
-            if unsure.any():
-                st.rechecked += int(unsure.sum())
-                ok = ~unsure
-                ok[unsure] = _exact(x, ii[unsure], jj[unsure]) > threshold
-                ii, jj = ii[ok], jj[ok]
-            st.edges += len(ii)
-            if len(ii):
-                edges.add(ii, jj, i0, i1, j0, j1)
+            _add_edges(edges, st, x, rr[ri].cpu().numpy() + i0, jj.cpu().numpy() + j0, vals, hi,
+                       threshold, (i0, i1, j0, j1))
     return edges.flush()
 
 
