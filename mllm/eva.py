@@ -26,29 +26,19 @@ import torch
 from torch import nn
 
 from mllm.config import VisionConfig
+from mllm.vision import VisionTower
 from pipelines.errors import ConfigError
 
 MEAN_STD = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 LN_VISION_EPS = 1e-5  # TinyGPT-V's ln_vision: torch.nn.LayerNorm's default eps
 
 
-class EvaTower(nn.Module):
-    arch = "eva"
+class EvaTower(VisionTower):
+    """Frozen like the SigLIP/CLIP towers; differs in its token count (CLS kept), its
+    normalisation and the float32 `ln_vision` after the selected layer."""
 
     def __init__(self, model: nn.Module, select_layer: int = -1):
-        super().__init__()
-        self.model = model
-        self.select_layer = select_layer
-        self.model.requires_grad_(False)
-        self.model.eval()
-
-    @property
-    def hidden_size(self) -> int:
-        return self.model.config.hidden_size
-
-    @property
-    def image_size(self) -> int:
-        return self.model.config.image_size
+        super().__init__(model, "eva", select_layer)
 
     @property
     def num_patches(self) -> int:
@@ -59,11 +49,6 @@ class EvaTower(nn.Module):
     @property
     def normalisation(self):
         return MEAN_STD
-
-    def train(self, mode: bool = True) -> "EvaTower":
-        super().train(mode)
-        self.model.eval()  # frozen (TinyGPT-V's disabled_train)
-        return self
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
