@@ -158,7 +158,8 @@ def read(path: str, rank: int = 0) -> dict:
 
 
 def load(path: str, model, optimizer, scheduler, rank: int = 0) -> dict:
-    """Restore a checkpoint in place; returns its state.json (step, sampler, ...).
+    """Restore a checkpoint in place; returns its state.json (step, sampler, ...) and
+    `loaded_from`, the checkpoint folder actually read.
 
     `path` is normally the latest checkpoint; if it does not read, the newest older
     intact one under the same `checkpoints/` folder is used (one warning line)."""
@@ -177,7 +178,7 @@ def load(path: str, model, optimizer, scheduler, rank: int = 0) -> dict:
         if problems:
             log.warning("checkpoint %s is damaged (%s); resuming from %s instead",
                         os.path.basename(path), problems[0], os.path.basename(candidate))
-        return _apply(candidate, got, model, optimizer, scheduler, rank)
+        return {**_apply(candidate, got, model, optimizer, scheduler, rank), "loaded_from": candidate}
     raise InputError(f"no intact checkpoint to resume from ({'; '.join(problems)}); "
                      "start again without --resume in a new output folder", path=ckdir)
 

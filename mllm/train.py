@@ -363,6 +363,7 @@ def _train(cfg, manifest_path, output_dir, stage, resume, progress, d: distribut
             yaml.safe_dump(resolved, f, sort_keys=False)
     if resume and ck is not None:
         state = checkpoint.load(ck, model, optimizer, scheduler, rank=d.rank)
+        ck = state["loaded_from"]          # an older one when the newest was damaged
         if state["sampler"] != sampler_state:
             raise InputError("the data or batch settings changed since this checkpoint "
                              f"({state['sampler']} vs {sampler_state}); start a new run", path=ck)

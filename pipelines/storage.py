@@ -139,7 +139,8 @@ def atomic_open(path: str, mode: str = "wb", durable: bool = True) -> Iterator[A
     except OSError as e:
         raise write_failure(path, e) from None
     try:
-        with f:
+        failed = True
+        try:
             yield _Guarded(f, str(path))
             try:
                 f.flush()
@@ -147,6 +148,15 @@ def atomic_open(path: str, mode: str = "wb", durable: bool = True) -> Iterator[A
                     os.fsync(f.fileno())
             except OSError as e:
                 raise write_failure(path, e) from None
+            failed = False
+        finally:
+            # After a failed write, close() flushes the same bytes again and fails too;
+            # its bare OSError must not replace the error that names the file.
+            try:
+                f.close()
+            except OSError as e:
+                if not failed:
+                    raise write_failure(path, e) from None
         try:
             if local:
                 os.replace(tmp, p)

@@ -162,7 +162,7 @@ def test_disk_full_mid_run_is_one_line(tmp_path, mount_tmpfs, prefect_api):
                "--set", "report=false", "--output", out, env=env, timeout=600)
     line = one_error_line(r, "curate")
     assert line.startswith("cannot write ") and out in line, line
-    assert "No space left on device" in line and line.endswith(
+    assert "no space left on device" in line.lower() and line.endswith(
         "free space (or fix the folder) and rerun the same command to resume")
 
 

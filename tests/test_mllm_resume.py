@@ -137,6 +137,9 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_losses(tmp_path, tmp_pat
     assert len(warnings) == 1 and "Traceback" not in err
     assert "step-00000020 is damaged" in warnings[0] and "resuming from step-00000010" in warnings[0]
     assert "trainable.safetensors does not read" in warnings[0]
+    # the progress line names the checkpoint actually read, not the damaged one
+    resumed = [line for line in err.splitlines() if "resuming stage 2 from" in line]
+    assert len(resumed) == 1 and resumed[0].endswith("step-00000010 (step 10)"), resumed
     with open(os.path.join(damaged, "stage2", "summary.json"), encoding="utf-8") as f:
         assert json.load(f)["resumed_from"] == 10
     _same_as_reference(damaged, ref_dir, reference)

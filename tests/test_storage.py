@@ -22,6 +22,22 @@ def test_atomic_open_leaves_nothing_on_failure(tmp_path):
     assert os.listdir(tmp_path / "sub") == ["out.bin"]
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_at_flush_names_the_file(tmp_path, monkeypatch):
+    """A buffered write that fails at flush fails again when the file closes; the error
+    the user reads still names the file (the close's bare OSError once replaced it)."""
+    from pipelines.errors import OutputError
+    real_open = open
+    monkeypatch.setattr(storage, "open", lambda path, mode: real_open("/dev/full", mode), raising=False)
+    target = str(tmp_path / "out.parquet")
+    with pytest.raises(OutputError) as e:
+        with storage.atomic_open(target) as f:
+            f.write(b"x" * 100)        # buffered: the disk is full only at flush
+    assert str(e.value) == (f"cannot write {target}: no space left on device; free space (or fix "
+                            "the folder) and rerun the same command to resume")
+    assert os.listdir(tmp_path) == []
+
+
 def test_write_table_casts_to_the_explicit_schema(tmp_path):
     t = pa.table({"kept_uid": [None], "reason": ["duplicate"], "stage": ["dedup"], "uid": ["a"],
                   "extra": [1]})
