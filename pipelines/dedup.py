@@ -157,17 +157,24 @@ def _block_order(nb: int):
         yield from ((b, b + gap) for b in range(nb - gap))
 
 
-def _components_float(x, threshold, block, labels, st):
-    xf = np.ascontiguousarray(x, np.float32)
-    n = len(xf)
+def _open_blocks(n: int, block: int, edges: "_Edges", st: PairStats):
+    """(diagonal, i0, i1, j0, j1) of each block pair in `_block_order`, skipping (and
+    counting) pairs whose rows the edges found so far already put in one component."""
     nb = (n + block - 1) // block
-    edges = _Edges(labels, 4 * block)
     for bi, bj in _block_order(nb):
         i0, i1 = bi * block, min(n, (bi + 1) * block)
         j0, j1 = bj * block, min(n, (bj + 1) * block)
         if _one_component(edges.labels, i0, i1, j0, j1):
             st.skipped_blocks += 1
             continue
+        yield bi == bj, i0, i1, j0, j1
+
+
+def _components_float(x, threshold, block, labels, st):
+    xf = np.ascontiguousarray(x, np.float32)
+    n = len(xf)
+    edges = _Edges(labels, 4 * block)
+    for diagonal, i0, i1, j0, j1 in _open_blocks(n, block, edges, st):
         sim = xf[i0:i1] @ xf[j0:j1].T
         st.blocks += 1
         st.flops += 2.0 * (i1 - i0) * (j1 - j0) * xf.shape[1]
@@ -251,15 +258,9 @@ def _components_int8(x, threshold, block, labels, st):
     lo = int(np.floor((threshold - bound) / s2))    # q.q <= lo  => cos <= threshold: no edge
     hi = int(np.ceil((threshold + bound) / s2))     # q.q >  hi  => cos >  threshold: edge
     qt = torch.from_numpy(q)
-    nb = (n + block - 1) // block
     buf = torch.empty(max(min(block, n), 17) * min(block, n), dtype=torch.int32)
     edges = _Edges(labels, 4 * block)
-    for bi, bj in _block_order(nb):
-        i0, i1 = bi * block, min(n, (bi + 1) * block)
-        j0, j1 = bj * block, min(n, (bj + 1) * block)
-        if _one_component(edges.labels, i0, i1, j0, j1):
-            st.skipped_blocks += 1
-            continue
+    for diagonal, i0, i1, j0, j1 in _open_blocks(n, block, edges, st):
         # The transposed view goes to the GEMM as is (as fast as a contiguous copy).
         # torch's int8 GEMM wants at least 17 rows: pad a short block with zero rows
         # (their products are 0, far below any positive threshold).
@@ -270,7 +271,7 @@ def _components_int8(x, threshold, block, labels, st):
         # glibc's heap (its mmap threshold adapts upwards) and RSS climbs block by block.
         out = buf[: len(a) * (j1 - j0)].view(len(a), j1 - j0)
         ct = torch._int_mm(a, qt[j0:j1].T, out=out)[: i1 - i0]
-        if bi == bj:
+        if diagonal:
             ct.fill_diagonal_(lo)     # self-products are no edges; now few rows pass below
         c = ct.numpy()
         st.blocks += 1
@@ -413,18 +414,12 @@ def _components_int8_on(device: str, x, threshold, block, labels, st):
     s2 = scale * scale
     lo = int(np.floor((threshold - bound) / s2))
     hi = int(np.ceil((threshold + bound) / s2))
-    nb = (n + block - 1) // block
     edges = _Edges(labels, 4 * block)
-    for bi, bj in _block_order(nb):
-        i0, i1 = bi * block, min(n, (bi + 1) * block)
-        j0, j1 = bj * block, min(n, (bj + 1) * block)
-        if _one_component(edges.labels, i0, i1, j0, j1):
-            st.skipped_blocks += 1
-            continue
+    for diagonal, i0, i1, j0, j1 in _open_blocks(n, block, edges, st):
         a = qt[i0:i0 + max(i1 - i0 + (-(i1 - i0)) % 8, 24)]
         b = qt[j0:j0 + (j1 - j0) + (-(j1 - j0)) % 8]
         ct = torch._int_mm(a, b.T)[: i1 - i0, : j1 - j0]     # padding rows/columns cut off
-        if bi == bj:
+        if diagonal:
             ct.fill_diagonal_(lo)
         st.blocks += 1
         st.flops += 2.0 * (i1 - i0) * (j1 - j0) * d
