@@ -68,17 +68,22 @@ def test_chains_are_components_not_pairwise():
         assert lab[3 * c] == lab[3 * c + 1] == lab[3 * c + 2] == 3 * c
 
 
+def near_threshold_pairs(seed: int = 2, n: int = 300, d: int = 256, threshold: float = 0.86):
+    """n rows and n twins whose cosine to their row lies within 1e-3 of the threshold,
+    on both sides (float64; callers cast)."""
+    rng = np.random.default_rng(seed)
+    base = unit(rng.standard_normal((n, d)))
+    u = rng.standard_normal((n, d))
+    u = unit(u - (u * base).sum(1, keepdims=True) * base)
+    cos = threshold + rng.uniform(-1e-3, 1e-3, n)
+    twin = unit(base * cos[:, None] + np.sqrt(1 - cos ** 2)[:, None] * u)
+    return np.concatenate([base, twin])
+
+
 def test_int8_decides_near_threshold_pairs_exactly():
     """Pairs planted within 1e-3 of the threshold, on both sides: the int8 screen must
     send them to the exact recheck and decide them like float64 does."""
-    rng = np.random.default_rng(2)
-    d = 256
-    base = unit(rng.standard_normal((300, d)))
-    u = rng.standard_normal((300, d))
-    u = unit(u - (u * base).sum(1, keepdims=True) * base)
-    cos = 0.86 + rng.uniform(-1e-3, 1e-3, 300)
-    twin = unit(base * cos[:, None] + np.sqrt(1 - cos ** 2)[:, None] * u)
-    x = np.concatenate([base, twin]).astype(np.float32)
+    x = near_threshold_pairs().astype(np.float32)
     st = dedup.PairStats()
     got = dedup.components(x, 0.86, block=128, method="int8", stats=st)
     np.testing.assert_array_equal(got, brute_components(x, 0.86))

@@ -9,7 +9,7 @@ import pytest
 from pipelines import cluster, dedup, kmeans, select
 from pipelines.errors import ConfigError
 from tests.embedding_fixtures import check_accounting, unit, write_laion
-from tests.test_dedup import brute_components, chained_cluster
+from tests.test_dedup import brute_components, chained_cluster, near_threshold_pairs
 
 
 @pytest.mark.parametrize("n,block", [(1500, 64), (2050, 2048), (700, 300), (333, 4096)])
@@ -25,14 +25,7 @@ def test_int8_screen_on_a_device_gives_the_cpu_graph(n, block):
 
 
 def test_near_threshold_pairs_on_a_device_are_decided_exactly():
-    rng = np.random.default_rng(2)
-    d = 256
-    base = unit(rng.standard_normal((300, d)))
-    u = rng.standard_normal((300, d))
-    u = unit(u - (u * base).sum(1, keepdims=True) * base)
-    cos = 0.86 + rng.uniform(-1e-3, 1e-3, 300)
-    twin = unit(base * cos[:, None] + np.sqrt(1 - cos ** 2)[:, None] * u)
-    x = np.concatenate([base, twin]).astype(np.float16)
+    x = near_threshold_pairs().astype(np.float16)
     st = dedup.PairStats()
     got = dedup.components(x, 0.86, block=128, stats=st, device="cpu")
     np.testing.assert_array_equal(got, brute_components(x, 0.86))
