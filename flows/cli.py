@@ -13,6 +13,7 @@ else is a bug and keeps Python's traceback.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import errno
 import importlib
 import os
@@ -138,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     from flows import console
     console.setup_logging(args.verbose)
     try:
-        return int(args._run(args) or 0)
+        # in a context of its own: what a command sets (the hint style) ends with it,
+        # also when main() is called in-process (tests, notebooks)
+        return int(contextvars.copy_context().run(args._run, args) or 0)
     except (WarrenError, OSError) as e:
         if args.verbose:
             import traceback

@@ -37,7 +37,7 @@ from flows.curate_config import (CurateConfig, SourceConfig, check_run, load_con
                                  prepare)
 from pipelines import download, embed, manifest, select, storage
 from pipelines.config import apply_overrides  # noqa: F401  (kept for callers)
-from pipelines.errors import set_setting_style
+from pipelines.errors import set_setting_style, setting_style
 
 MODES = ("urls", "embeddings")
 
@@ -426,10 +426,10 @@ def curate(config: str | None = None, overrides: list[str] | None = None,
     """Load a curate config (YAML path + `key=value` overrides) and run it on the
     configured task runner. This is the flow that `warren curate` runs and that the
     deployments serve. A Warren error fails the run with its one-line message."""
-    set_setting_style("set")
-    c = load_config(config, overrides, output=output, dask_address=dask_address)
-    run = curate_run.with_options(task_runner=runners.make(c.runner))
-    return run(c.to_dict(), restart)
+    with setting_style("set"):
+        c = load_config(config, overrides, output=output, dask_address=dask_address)
+        run = curate_run.with_options(task_runner=runners.make(c.runner))
+        return run(c.to_dict(), restart)
 
 
 def run_local(cfg: CurateConfig | dict, restart: bool = False) -> dict:

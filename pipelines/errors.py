@@ -1,6 +1,7 @@
 """Typed errors. Library code raises these; the CLI prints one line and exits non-zero."""
 from __future__ import annotations
 
+import contextlib
 import contextvars
 
 
@@ -68,6 +69,19 @@ def set_setting_style(style: str) -> None:
     if style not in ("flag", "set"):
         raise ValueError(style)
     _SETTING_STYLE.set(style)
+
+
+@contextlib.contextmanager
+def setting_style(style: str):
+    """`set_setting_style` for the body of a `with` only (a flow run in-process must
+    not change the hints of what the caller does next)."""
+    if style not in ("flag", "set"):
+        raise ValueError(style)
+    token = _SETTING_STYLE.set(style)
+    try:
+        yield
+    finally:
+        _SETTING_STYLE.reset(token)
 
 
 def setting(path: str) -> str:

@@ -25,15 +25,6 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 BIN = os.path.dirname(sys.executable)
 
 
-@pytest.fixture(autouse=True)
-def _flag_style_hints():
-    """Hints name settings as library callers and `warren select` type them (`--k`).
-    A flow run in-process earlier (curate, demo) switches this process to `--set`."""
-    from pipelines.errors import set_setting_style
-    set_setting_style("flag")
-    yield
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -198,3 +198,20 @@ def test_progress_lines_say_rows_rate_and_eta():
     b = Progress("dedup", {0: 1, 1: 1}, stream=io.StringIO(), tty=False, unit="buckets")
     b.shard_done(0)
     assert re.fullmatch(r"dedup: 1/2 buckets, [\d.,]+ buckets/s, ETA \d+:\d\d", b.line())
+
+
+def test_a_command_or_flow_run_in_process_leaves_the_hint_style_as_it_was(tmp_path, capsys):
+    """`warren curate` and the curate flow name settings as `--set select.k=`; called
+    in-process (tests, notebooks) they must not change how later library errors name them."""
+    from flows.cli import main
+    from flows.curate import curate
+    from pipelines.errors import ConfigError, setting
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("output: out\nsource: {path: m.parquet}\nselect: {k: abc}\n")
+    assert main(["curate", "--config", str(bad)]) == 2
+    assert capsys.readouterr().err.strip() == \
+        f"warren curate: error: {bad}: select.k: expected an integer or null, got 'abc'"
+    assert setting("select.k") == "--k"
+    with pytest.raises(ConfigError, match="select.k: expected an integer"):
+        curate.fn(config=str(bad))
+    assert setting("select.k") == "--k"
