@@ -110,7 +110,8 @@ TASK = dict(cache_policy=NO_CACHE, persist_result=False)
 
 def _cfg(cfg: dict) -> CurateConfig:
     """The run's config inside a task. Hints in errors name `--set select.k=`, the way
-    this command takes settings (also on Dask workers, which run no CLI)."""
+    this command takes settings (also on Dask workers, which run no CLI; in this process
+    the flow's `setting_style` scope puts the caller's style back afterwards)."""
     set_setting_style("set")
     return CurateConfig.from_dict(cfg)
 
@@ -269,7 +270,13 @@ def _collect(futures, artifact: str | None = None, what: str = "", stage: str | 
 
 @flow(name="curate-run", log_prints=True)
 def curate_run(cfg: dict, restart: bool = False) -> dict:
-    """Every step of one curation run (the task runner is set by the caller)."""
+    """Every step of one curation run (the task runner is set by the caller). Hints name
+    `--set select.k=` inside it only: run in-process, it leaves the caller's style."""
+    with setting_style("set"):
+        return _steps(cfg, restart)
+
+
+def _steps(cfg: dict, restart: bool) -> dict:
     c = _cfg(cfg)
     cfg = c.to_dict()
     log = get_run_logger()

@@ -204,7 +204,7 @@ def test_a_command_or_flow_run_in_process_leaves_the_hint_style_as_it_was(tmp_pa
     """`warren curate` and the curate flow name settings as `--set select.k=`; called
     in-process (tests, notebooks) they must not change how later library errors name them."""
     from flows.cli import main
-    from flows.curate import curate
+    from flows.curate import curate, curate_run
     from pipelines.errors import ConfigError, setting
     bad = tmp_path / "bad.yaml"
     bad.write_text("output: out\nsource: {path: m.parquet}\nselect: {k: abc}\n")
@@ -214,4 +214,9 @@ def test_a_command_or_flow_run_in_process_leaves_the_hint_style_as_it_was(tmp_pa
     assert setting("select.k") == "--k"
     with pytest.raises(ConfigError, match="select.k: expected an integer"):
         curate.fn(config=str(bad))
+    assert setting("select.k") == "--k"
+    # the inner flow that run_local, the pipeline and the ablation call
+    with pytest.raises(ConfigError, match="select.k: expected an integer"):
+        curate_run.fn({"output": str(tmp_path / "o"), "source": {"path": "m.parquet"},
+                       "select": {"k": "abc"}})
     assert setting("select.k") == "--k"
