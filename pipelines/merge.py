@@ -1,7 +1,12 @@
-"""External k-way merge of sorted Parquet runs into one sorted Parquet file.
+"""External k-way merge of sorted runs into one sorted Parquet file.
 
-Each run is read a few thousand rows at a time (runs are written in row groups of
-RUN_ROWS rows, the unit Parquet decodes). A round takes, from every run's buffer,
+Each run is read a few thousand rows at a time. Runs written for the merge (by
+`RunWriter`, and the merge's own intermediate runs) are Arrow IPC streams of RUN_ROWS-row
+record batches: a stream is read a batch at a time with nothing else held, whereas a
+Parquet reader holds the file's whole footer, about 5 KB per row group (a 2M-row run of
+2,048-row groups: 5 MB, for each of up to FAN_IN open runs) -- which made the merge's
+memory grow with the row count. Parquet runs (the earlier stages' per-bucket rejects) are
+read row group by row group, and those files are bounded by the bucket size. A round takes, from every run's buffer,
 the rows not after the smallest "last key" among the buffers (every row up to there is
 final: no run can still produce a smaller one), sorts just those with Arrow (stable, so
 equal keys keep run order) and appends them to the output; the run whose buffer ran out
@@ -24,17 +29,32 @@ import pyarrow.parquet as pq
 from pipelines import storage
 
 BUFFER = 4096       # rows read from a run at a time
-RUN_ROWS = 2048     # row group size of a run: Parquet decodes a row group's column chunks
-                    # whole, so this (not BUFFER) bounds what each open run holds
+RUN_ROWS = 2048     # batch (or Parquet row group) size of a run: a reader decodes a whole
+                    # one, so this (not BUFFER) bounds what each open run holds
 WIDE_RUN_ROWS = 512   # the same for wide rows (the coreset's text and carried columns)
+OUTPUT_ROWS = 64_000      # row group size of a merged Parquet output
+WIDE_OUTPUT_ROWS = 16_384  # ... of wide rows: the writer holds a row group while encoding
 FAN_IN = 64
+RUN_SUFFIX = ".arrow"     # runs written as Arrow IPC streams (see module doc)
+
+
+def _batches(f, path: str, columns: list[str] | None, batch: int):
+    if path.endswith(RUN_SUFFIX):
+        for b in pa.ipc.open_stream(f):
+            yield b.select(columns) if columns is not None else b
+        return
+    pf = pq.ParquetFile(f)
+    for i in range(pf.num_row_groups):
+        yield from pf.read_row_group(i, columns=columns).to_batches(max_chunksize=batch)
 
 
 class _Run:
-    def __init__(self, path: str, columns: list[str] | None, batch: int):
+    def __init__(self, path: str, columns: list[str] | None, batch: int,
+                 schema: pa.Schema | None = None):
         fs, p = storage.filesystem(path)
         self._f = fs.open(p, "rb")
-        self._it = pq.ParquetFile(self._f).iter_batches(batch_size=batch, columns=columns)
+        self._it = _batches(self._f, path, columns, batch)
+        self._schema = schema
         self.buf: pa.Table | None = None
         self.done = False
         self.fill()
@@ -43,6 +63,8 @@ class _Run:
         while not self.done and (self.buf is None or self.buf.num_rows == 0):
             try:
                 self.buf = pa.Table.from_batches([next(self._it)])
+                if self._schema is not None:     # runs of both kinds agree on nullability
+                    self.buf = self.buf.cast(self._schema)
             except StopIteration:
                 self.done, self.buf = True, None
                 self._f.close()
@@ -68,10 +90,11 @@ def _not_after(t: pa.Table, bound: tuple, keys: list[str]) -> int:
 
 
 def merged(paths: Sequence[str], keys: list[str], columns: list[str] | None = None,
-           batch: int | None = None):
-    """Sorted tables, in order, that together are the merge of the sorted runs."""
+           batch: int | None = None, schema: pa.Schema | None = None):
+    """Sorted tables, in order, that together are the merge of the sorted runs (cast to
+    `schema` when given)."""
     order = [(k, "ascending") for k in keys]
-    runs = [r for r in (_Run(p, columns, batch or BUFFER) for p in paths) if not r.done]
+    runs = [r for r in (_Run(p, columns, batch or BUFFER, schema) for p in paths) if not r.done]
     while runs:
         bound = min((_key(r.buf, r.buf.num_rows - 1, keys) for r in runs))
         parts = []
@@ -91,12 +114,12 @@ def merged(paths: Sequence[str], keys: list[str], columns: list[str] | None = No
 class RowGroupWriter:
     """A Parquet file written in exact `row_group_size` row groups (see module doc)."""
 
-    def __init__(self, path: str, schema: pa.Schema, row_group_size: int = 64_000,
+    def __init__(self, path: str, schema: pa.Schema, row_group_size: int = OUTPUT_ROWS,
                  durable: bool = True):
         self.schema, self.size = schema, row_group_size
         self._ctx = storage.atomic_open(path, "wb", durable)
         self._f = self._ctx.__enter__()
-        self._w = pq.ParquetWriter(self._f, schema, compression="zstd")
+        self._w = self._open(self._f, schema)
         self._pending: list[pa.Table] = []
         self._n = 0
         self.rows = 0
@@ -115,8 +138,15 @@ class RowGroupWriter:
         head, rest = t.slice(0, n).combine_chunks(), t.slice(n)
         del t                   # the pieces go as the contiguous copy is made
         self._pending, self._n = ([rest] if rest.num_rows else []), rest.num_rows
-        self._w.write_table(head, row_group_size=self.size)
+        self._put(head)
         self.rows += head.num_rows
+
+    @staticmethod
+    def _open(f, schema: pa.Schema):
+        return pq.ParquetWriter(f, schema, compression="zstd")
+
+    def _put(self, t: pa.Table) -> None:
+        self._w.write_table(t, row_group_size=self.size)
 
     def close(self) -> None:
         if self._n:
@@ -140,9 +170,28 @@ class RowGroupWriter:
             self.abort(ev)
 
 
+class RunWriter(RowGroupWriter):
+    """A sorted run for `merge`: an Arrow IPC stream (zstd) of `batch_rows`-row batches;
+    its path must end in RUN_SUFFIX."""
+
+    def __init__(self, path: str, schema: pa.Schema, batch_rows: int = RUN_ROWS,
+                 durable: bool = False):
+        if not path.endswith(RUN_SUFFIX):
+            raise ValueError(f"a run's path must end in {RUN_SUFFIX}: {path}")
+        super().__init__(path, schema, batch_rows, durable)
+
+    @staticmethod
+    def _open(f, schema: pa.Schema):
+        return pa.ipc.new_stream(f, schema, options=pa.ipc.IpcWriteOptions(compression="zstd"))
+
+    def _put(self, t: pa.Table) -> None:
+        for b in t.to_batches():
+            self._w.write_batch(b)
+
+
 def merge(paths: Sequence[str], out: str, keys: list[str], schema: pa.Schema,
           tmp_dir: str, on_chunk: Callable[[pa.Table], None] | None = None,
-          row_group_size: int = 64_000, run_rows: int = RUN_ROWS) -> int:
+          row_group_size: int = OUTPUT_ROWS, run_rows: int = RUN_ROWS) -> int:
     """Merge sorted runs into `out`; returns the row count. `on_chunk` sees every sorted
     chunk in order (to count or check on the way). `run_rows`: the runs' row group size
     (intermediate runs are written with it; runs are read that many rows at a time)."""
@@ -152,15 +201,15 @@ def merge(paths: Sequence[str], out: str, keys: list[str], schema: pa.Schema,
     while len(paths) > FAN_IN:             # bounded open runs: merge in rounds
         nxt = []
         for g in range(0, len(paths), FAN_IN):
-            p = storage.join(tmp_dir, f"merge-{level}-{g // FAN_IN:05d}.parquet")
-            with RowGroupWriter(p, schema, run_rows, durable=False) as w:
-                for t in merged(paths[g:g + FAN_IN], keys, schema.names, batch):
+            p = storage.join(tmp_dir, f"merge-{level}-{g // FAN_IN:05d}{RUN_SUFFIX}")
+            with RunWriter(p, schema, run_rows) as w:
+                for t in merged(paths[g:g + FAN_IN], keys, schema.names, batch, schema):
                     w.write(t)
             nxt.append(p)
         _remove([p for p in paths if os.path.basename(p).startswith("merge-")])
         paths, level = nxt, level + 1
     with RowGroupWriter(out, schema, row_group_size) as w:
-        for t in merged(paths, keys, schema.names, batch):
+        for t in merged(paths, keys, schema.names, batch, schema):
             if on_chunk is not None:
                 on_chunk(t)
             w.write(t)

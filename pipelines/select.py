@@ -722,23 +722,39 @@ class _Survivors:
         with fs.open(p, "rb") as f:
             return np.load(f)
 
-    def column(self, b: int, name: str) -> pa.Array:
-        return _strings(storage.read_table(self.files[b], [name]).column(0)) if name == "uid" \
-            else storage.read_table(self.files[b], [name]).column(0).combine_chunks()
-
-    def each(self, columns: list[str]):
-        """(bucket, codes, {column: numpy of the ALIVE rows}, alive row indices, uids_of)."""
+    def groups(self, columns: list[str]):
+        """(bucket, its codes, first row, the row group's `columns`, read) per row group of
+        each bucket, `read(names)` reading other columns of the same row group (valid until
+        the next one): memory follows the row group (merge.RUN_ROWS rows), not the bucket."""
         for b in range(len(self.files)):
             codes = self.load(self.codes[b])
-            alive = np.flatnonzero(codes == ALIVE)
-            cols = {c: self.column(b, c).to_numpy(zero_copy_only=False)[alive] for c in columns}
-            cache: list = []
+            fs, path = storage.filesystem(self.files[b])
+            with fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                at = 0
+                for i in range(pf.num_row_groups):
+                    t = pf.read_row_group(i, columns=columns)
+                    yield b, codes, at, t, lambda names, i=i, pf=pf: pf.read_row_group(i, names)
+                    at += t.num_rows
 
-            def uids_of(rows, b=b, alive=alive, cache=cache):
-                if not cache:
-                    cache.append(self.column(b, "uid"))
-                return cache[0].take(pa.array(alive[rows]))
-            yield b, codes, cols, alive, uids_of
+    def each(self, columns: list[str], save: bool = False):
+        """(codes of the bucket, {column: numpy of the row group's ALIVE rows}, their row
+        indices in the bucket, uids_of) per row group; `save` writes each bucket's codes
+        back after its last row group (the caller changed them in place)."""
+        last = None
+        for b, codes, at, t, read in self.groups(columns):
+            if save and last is not None and last[0] != b:
+                self.save(self.codes[last[0]], last[1])
+            last = (b, codes)
+            here = np.flatnonzero(codes[at:at + t.num_rows] == ALIVE)
+            if not len(here):
+                continue
+            cols = {c: t.column(c).combine_chunks().to_numpy(zero_copy_only=False)[here]
+                    for c in columns}
+            yield codes, cols, at + here, lambda rows, read=read, here=here: \
+                _strings(read(["uid"]).column(0)).take(pa.array(here[rows]))
+        if save and last is not None:
+            self.save(self.codes[last[0]], last[1])
 
 
 def _band_pass(sv: _Survivors, col: str, rng, above: int, below: int) -> dict:
@@ -749,31 +765,29 @@ def _band_pass(sv: _Survivors, col: str, rng, above: int, below: int) -> dict:
     a, b = int(np.floor(rng[0] * n)), int(np.floor(rng[1] * n))
 
     def chunks():
-        for _, _, cols, _, uids_of in sv.each([col]):
+        for _, cols, _, uids_of in sv.each([col]):
             yield ranks.score_keys(cols[col]), uids_of
     lo, hi = ranks.boundaries(chunks, n, [a, b], 32)
     vmin, vmax = np.inf, -np.inf
-    for bkt, codes, cols, alive, uids_of in sv.each([col]):
+    for codes, cols, alive, uids_of in sv.each([col], save=True):
         keys = ranks.score_keys(cols[col])
         before_lo, before_hi = lo.before(keys, uids_of), hi.before(keys, uids_of)
         codes[alive[before_lo]] = above
         codes[alive[~before_hi]] = below
-        sv.save(sv.codes[bkt], codes)
         v = cols[col][np.isfinite(cols[col])]
         if len(v):
             vmin, vmax = min(vmin, float(v.min())), max(vmax, float(v.max()))
     # a histogram of the band's input (and the span it kept) for the report
     edges = np.linspace(vmin, vmax, HIST_BINS + 1) if np.isfinite(vmin) else None
     hist, kmin, kmax = np.zeros(HIST_BINS, np.int64), np.inf, -np.inf
-    for bkt in range(len(sv.files)):
-        codes = sv.load(sv.codes[bkt])
-        rows = np.flatnonzero((codes == ALIVE) | (codes == above) | (codes == below))
-        vals = sv.column(bkt, col).to_numpy(zero_copy_only=False)
-        v = vals[rows]
+    for _, codes, at, t, _ in sv.groups([col]):
+        c = codes[at:at + t.num_rows]
+        vals = t.column(0).combine_chunks().to_numpy(zero_copy_only=False)
+        v = vals[(c == ALIVE) | (c == above) | (c == below)]
         fin = np.isfinite(v)
         if edges is not None and fin.any():
             hist += np.histogram(v[fin], bins=edges)[0]
-        k = vals[(codes == ALIVE)]
+        k = vals[c == ALIVE]
         k = k[np.isfinite(k)]
         if len(k):
             kmin, kmax = min(kmin, float(k.min())), max(kmax, float(k.max()))
@@ -792,12 +806,11 @@ def _sample_pass(sv: _Survivors, target: int | None, seed: int) -> dict:
         return bands.mix(cols["uid_hash"].view(np.uint64), seed)
 
     def chunks():
-        for _, _, cols, _, uids_of in sv.each(["uid_hash"]):
+        for _, cols, _, uids_of in sv.each(["uid_hash"]):
             yield keys_of(cols), uids_of
     (cut,) = ranks.boundaries(chunks, m, [target], 64)
-    for bkt, codes, cols, alive, uids_of in sv.each(["uid_hash"]):
+    for codes, cols, alive, uids_of in sv.each(["uid_hash"], save=True):
         codes[alive[~cut.before(keys_of(cols), uids_of)]] = NOT_SAMPLED
-        sv.save(sv.codes[bkt], codes)
     return {"in": m, "out": target}
 
 
@@ -950,13 +963,13 @@ def stage_finish(cfg: SelectConfig, source_dir: str, output_dir: str,
     reasons = pa.array([n[1] if n else None for n in names], pa.string())
     for b in range(len(sv.files)):
         codes = sv.load(sv.codes[b])
-        core_runs.append(storage.join(work, f"core-b{b:05d}.parquet"))
-        rej_runs += [storage.join(work, f"rej-b{b:05d}.parquet"),
+        core_runs.append(storage.join(work, f"core-b{b:05d}{merge.RUN_SUFFIX}"))
+        rej_runs += [storage.join(work, f"rej-b{b:05d}{merge.RUN_SUFFIX}"),
                      _w(output_dir, "rejects", f"dedup-b{b:05d}.parquet")]
         fs, path = storage.filesystem(sv.files[b])
         with fs.open(path, "rb") as f, \
-                merge.RowGroupWriter(core_runs[-1], core_schema, merge.WIDE_RUN_ROWS, False) as wc, \
-                merge.RowGroupWriter(rej_runs[-2], schemas.REJECTS, merge.RUN_ROWS, False) as wr:
+                merge.RunWriter(core_runs[-1], core_schema, merge.WIDE_RUN_ROWS) as wc, \
+                merge.RunWriter(rej_runs[-2], schemas.REJECTS) as wr:
             pf = pq.ParquetFile(f)
             at = 0
             for i in range(pf.num_row_groups):
@@ -974,10 +987,9 @@ def stage_finish(cfg: SelectConfig, source_dir: str, output_dir: str,
     rej_runs += [_w(output_dir, "rejects", f"validate-s{s:05d}.parquet") for s in range(p["shards"])]
     for i, f in enumerate(extra_rejects):         # curate's download/embed rejects
         t = storage.read_table(f, schema=schemas.REJECTS)
-        rej_runs.append(storage.join(work, f"extra-{i:05d}.parquet"))
-        storage.write_table(t.take(pc.sort_indices(t, [("uid", "ascending"), ("stage", "ascending")])),
-                            rej_runs[-1], schemas.REJECTS, row_group_size=merge.RUN_ROWS,
-                            durable=False)
+        rej_runs.append(storage.join(work, f"extra-{i:05d}{merge.RUN_SUFFIX}"))
+        with merge.RunWriter(rej_runs[-1], schemas.REJECTS) as w:
+            w.write(t.take(pc.sort_indices(t, [("uid", "ascending"), ("stage", "ascending")])))
     release_memory()
 
     core_path = storage.join(output_dir, "coreset.parquet")
@@ -995,7 +1007,7 @@ def stage_finish(cfg: SelectConfig, source_dir: str, output_dir: str,
                            .to_pylist())
         seen[0] += t.num_rows
     n_core = merge.merge(core_runs, core_path, ["uid"], core_schema, work, on_chunk=pick,
-                         run_rows=merge.WIDE_RUN_ROWS)
+                         row_group_size=merge.WIDE_OUTPUT_ROWS, run_rows=merge.WIDE_RUN_ROWS)
     by_reason: dict[str, dict[str, int]] = {}
 
     def count(t: pa.Table) -> None:

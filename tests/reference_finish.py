@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines import bands, schemas, storage
+from pipelines import bands, merge, schemas, storage
 from pipelines.select import _by_code, _rejects, _src, _w
 
 
@@ -36,7 +36,8 @@ def finish_in_memory(output_dir: str, cfg, target_dir: str, extra_rejects=()) ->
     band_rejects.append(_rejects(uids.take(idx[~pick]), "sample", "not_sampled"))
     alive[idx[~pick]] = False
     coreset = _coreset_table(src, surv.filter(pa.array(alive)), src.uid_column)
-    storage.write_table(coreset, storage.join(target_dir, "coreset.parquet"), coreset.schema)
+    storage.write_table(coreset, storage.join(target_dir, "coreset.parquet"), coreset.schema,
+                        row_group_size=merge.WIDE_OUTPUT_ROWS)
     parts = [storage.read_table(f, schema=schemas.REJECTS)
              for f in storage.listdir(_w(output_dir, "rejects"), "*.parquet")]
     parts += band_rejects + [storage.read_table(f, schema=schemas.REJECTS) for f in extra_rejects]

@@ -77,17 +77,26 @@ def test_merge_equals_one_sort_byte_for_byte(tmp_path, monkeypatch):
     monkeypatch.setattr(merge, "BUFFER", 37)
     rng = np.random.default_rng(0)
     runs, tables = [], []
+    from pipelines import schemas
     for r in range(11):
         n = int(rng.integers(0, 400))
         t = pa.table({"uid": pa.array([f"k{x:04d}" for x in rng.integers(0, 3000, n)]),
                       "stage": pa.array(rng.choice(["dedup", "sample", "validate"], n)),
                       "reason": pa.array([f"r{r}"] * n), "kept_uid": pa.nulls(n, pa.string())})
         t = t.take(pa.compute.sort_indices(t, [("uid", "ascending"), ("stage", "ascending")]))
-        path = str(tmp_path / f"run{r}.parquet")
-        storage.write_table(t, path)
+        # both kinds of run: Parquet (the stages' rejects) and Arrow streams (RunWriter's)
+        if r % 2:
+            path = str(tmp_path / f"run{r}.arrow")
+            with merge.RunWriter(path, schemas.REJECTS, batch_rows=50) as w:
+                w.write(t)
+            with pa.ipc.open_stream(path) as rd:
+                sizes = [b.num_rows for b in rd]
+            assert sizes == [50] * (n // 50) + ([n % 50] if n % 50 else []), sizes
+        else:
+            path = str(tmp_path / f"run{r}.parquet")
+            storage.write_table(t, path, row_group_size=70)
         runs.append(path)
         tables.append(t)
-    from pipelines import schemas
     whole = pa.concat_tables(tables)
     whole = whole.take(pa.compute.sort_indices(whole, [("uid", "ascending"), ("stage", "ascending")]))
     storage.write_table(whole, str(tmp_path / "ref.parquet"), schemas.REJECTS, row_group_size=500)
@@ -96,8 +105,10 @@ def test_merge_equals_one_sort_byte_for_byte(tmp_path, monkeypatch):
                     str(tmp_path), on_chunk=lambda t: seen.append(t.num_rows), row_group_size=500)
     assert n == whole.num_rows == sum(seen) and pq.ParquetFile(tmp_path / "ref.parquet").num_row_groups > 3
     assert (tmp_path / "out.parquet").read_bytes() == (tmp_path / "ref.parquet").read_bytes()
-    assert sorted(os.listdir(tmp_path)) == sorted([f"run{r}.parquet" for r in range(11)]
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(p) for p in runs]
                                                   + ["out.parquet", "ref.parquet"])
+    with pytest.raises(ValueError, match=r"must end in \.arrow"):
+        merge.RunWriter(str(tmp_path / "run.parquet"), schemas.REJECTS)
 
 
 # -- the whole finish ---------------------------------------------------------------------
@@ -121,9 +132,16 @@ CONFIGS = {
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_streaming_finish_is_byte_identical_to_in_memory(src, tmp_path, monkeypatch, name):
     monkeypatch.setattr(merge, "BUFFER", 113)          # many merge rounds
+    # small row groups: the finish reads each bucket a row group at a time, and the
+    # coreset is written in several row groups
+    monkeypatch.setattr(merge, "RUN_ROWS", 40)
+    monkeypatch.setattr(merge, "WIDE_OUTPUT_ROWS", 300)
     cfg = select.SelectConfig(**CONFIGS[name])
     out = str(tmp_path / "out")
     stats = select.run(cfg, src, out, progress=False)
+    groups = [pq.ParquetFile(os.path.join(out, "_work", "dedup", f)).num_row_groups
+              for f in os.listdir(os.path.join(out, "_work", "dedup")) if f.startswith("b")]
+    assert max(groups) >= 3, groups
     finish_in_memory(out, cfg, str(tmp_path / "ref"))
     for f in ("coreset.parquet", "rejects.parquet"):
         assert (tmp_path / "out" / f).read_bytes() == (tmp_path / "ref" / f).read_bytes(), f
