@@ -5,7 +5,10 @@ Speed without approximation: similarities are screened with an int8 matrix produ
 (one quantisation scale per cluster), and a rigorous per-cluster error bound splits the
 screened pairs into three sets: certainly below the threshold (dropped), certainly
 above (edges), and a thin band around it, which is recomputed exactly in float64. So the
-graph is the same as a float32/float64 all-pairs computation, at int8 speed.
+graph is the same as a float32/float64 all-pairs computation, at int8 speed. Where a
+cluster's ordinary pairs sit well below the threshold, a cheaper rigorous screen comes
+first (the head screen: a product over part of the coordinates plus a bound on the
+rest), and only rows it cannot clear get the full int8 product.
 
 Memory stays bounded: the cluster is processed in square blocks (upper triangle only;
 the similarity matrix is symmetric), and a block whose rows and columns already lie in
@@ -218,27 +221,36 @@ def _one_component(labels, i0, i1, j0, j1) -> bool:
     return bool((a == first).all() and (b == first).all())
 
 
-def quantize(x: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """int8 rows with one scale for the whole cluster (padded to a multiple of 8 columns,
-    as torch's int8 GEMM wants), the scale, and the largest row L1 norm (for the error
-    bound). Works in float32 chunks through torch (numpy's float16 arithmetic is scalar
-    and was a tenth of the dedup stage): no float32 copy of a big cluster."""
+def quantize(x: np.ndarray, *views) -> list[tuple[np.ndarray, float, float]]:
+    """For x's rows (no view given) or for each view of them, the int8 rows with one
+    scale for the whole cluster (padded to a multiple of 8 columns, as torch's int8 GEMM
+    wants), the scale, and the largest row L1 norm (for the error bound). Two passes over
+    x in float32 chunks through torch (numpy's float16 arithmetic is scalar and was a
+    tenth of the dedup stage): no float32 copy of a big cluster. A view maps a float32
+    chunk to the rows to quantise (the head screen's z)."""
     import torch
 
-    n, d = x.shape
-    amax = 0.0
-    for s in range(0, n, CHUNK):
-        lo, hi = torch.aminmax(torch.from_numpy(np.ascontiguousarray(x[s:s + CHUNK])))
-        amax = max(amax, -float(lo), float(hi))
-    scale = amax / 127.0 or 1.0
-    q = np.zeros((n, d + (-d) % 8), np.int8)
-    qt = torch.from_numpy(q)
-    l1 = 0.0
-    for s in range(0, n, CHUNK):
-        a = torch.from_numpy(np.ascontiguousarray(x[s:s + CHUNK])).float()
-        l1 = max(l1, float(a.abs().sum(1).max()))
-        qt[s:s + CHUNK, :d] = torch.round(a / scale).to(torch.int8)   # half to even, as np.rint
-    return q, scale, l1
+    views = views or (lambda a: a,)
+
+    def chunks():
+        for s in range(0, len(x), CHUNK):
+            a = torch.from_numpy(np.ascontiguousarray(x[s:s + CHUNK])).float()
+            yield s, [f(a) for f in views]
+
+    amax, dims = [0.0] * len(views), [0] * len(views)
+    for _, vs in chunks():
+        for k, v in enumerate(vs):
+            amax[k], dims[k] = max(amax[k], float(v.abs().max())), v.shape[1]
+    out = []
+    for k in range(len(views)):
+        scale = amax[k] / 127.0 or 1.0
+        out.append([np.zeros((len(x), dims[k] + (-dims[k]) % 8), np.int8), scale, 0.0])
+    for s, vs in chunks():
+        for k, v in enumerate(vs):
+            q, scale, l1 = out[k]
+            out[k][2] = max(l1, float(v.abs().sum(1).max()))
+            torch.from_numpy(q)[s:s + CHUNK, :dims[k]] = torch.round(v / scale).to(torch.int8)   # half to even, as np.rint
+    return [tuple(o) for o in out]
 
 
 def error_bound(l1: float, d: int, scale: float) -> float:
@@ -248,11 +260,99 @@ def error_bound(l1: float, d: int, scale: float) -> float:
     return float(scale * l1 + d * scale * scale / 4.0) * 1.0001 + 1e-6
 
 
+def _int8_product(a, b, buf):
+    """a @ b.T for int8 rows into the reused int32 buffer. The transposed view goes to
+    the GEMM as is (as fast as a contiguous copy). torch's int8 GEMM wants at least 17
+    rows: a short `a` is padded with zero rows (their products are 0, far below any
+    positive threshold). One buffer for all blocks: a fresh 16 MB result per block
+    fragments glibc's heap (its mmap threshold adapts upwards) and RSS climbs."""
+    import torch
+
+    m = len(a)
+    if m < 17:
+        a = torch.nn.functional.pad(a, (0, 0, 0, 17 - m))
+    out = buf[: len(a) * len(b)].view(len(a), len(b))
+    return torch._int_mm(a, b.T, out=out)[:m]
+
+
+# -- the head screen ---------------------------------------------------------------------
+# x.y = x[:m].y[:m] + x[m:].y[m:] <= x[:m].y[:m] + |x[m:]| |y[m:]| (Cauchy-Schwarz). So
+# with z = [x[:m], tau/sqrt(r) repeated r times], tau >= |x[m:]|, z.z' >= x.y for every
+# pair, and a pair whose int8 z-product is below the threshold minus z's own error bound
+# cannot be an edge. On clusters whose ordinary pairs sit well below the threshold (the
+# usual case) this product over m + r of the d columns rules out all but the rows that
+# have a near-duplicate; only those rows get the full int8 product. The graph is the
+# same: both screens are rigorous, and the full screen decides as before.
+HEAD_SHARES = (0.25, 0.375, 0.5, 0.625)   # head widths tried, as shares of d
+HEAD_SAMPLE = 512       # rows sampled to choose the width
+HEAD_PAYS = 0.8         # used only if its estimated cost is below this share of the full product
+HEAD_ROW_COST = 1e6     # its fixed work per row (a second quantisation, gathers), as
+                        # multiply-adds of the full product (~2.5 us a row, measured here)
+
+
+def _head_rows(a, m: int, r: int):
+    """z = [a[:, :m], tau / sqrt(r) x r] in float32 for rows a (a torch tensor or numpy
+    array), tau >= |a[:, m:]|, so that z.z' >= a.b for every pair. tau is the float32
+    norm raised by twice its worst rounding error (a sum of n squares is off by at most
+    (n + 1) 2^-24 of itself, its square root by half that, plus a few roundings)."""
+    import torch
+
+    a = torch.as_tensor(a).float()
+    n = a.shape[1] - m
+    tau = a[:, m:].square().sum(1, keepdim=True).sqrt() * ((1 + (n + 8) * 2.0 ** -24) / np.sqrt(r))
+    return torch.cat([a[:, :m], tau.expand(-1, r)], 1)
+
+
+def head_plan(x: np.ndarray, threshold: float, block: int) -> tuple[int, int] | None:
+    """(m, r) of the cheapest head screen for this cluster, estimated on a sample of its
+    rows (its pass rate sets how many rows need the full product), or None when no width
+    is estimated to cost below HEAD_PAYS of the full product: small clusters, whose
+    product is cheap next to the screen's fixed cost, and clusters whose ordinary pairs
+    are too close to the threshold. Only speed depends on it."""
+    import torch
+
+    n, d = x.shape
+    fixed = HEAD_ROW_COST / (0.5 * n * d)
+    if HEAD_SHARES[0] + fixed >= HEAD_PAYS:       # cannot pay whatever the sample says
+        return None
+    idx = np.unique(np.linspace(0, n - 1, min(n, HEAD_SAMPLE)).astype(np.int64))
+    # torch, not numpy: numpy's BLAS threads spin after a product and slowed the int8
+    # work that follows on a 2-core machine
+    xs = torch.from_numpy(np.asarray(x[idx])).float()    # an estimate: float32 is plenty
+    amax = float(xs.abs().max()) or 1.0
+    best, plan = HEAD_PAYS, None
+    for share in HEAD_SHARES:
+        m = max(8, int(round(share * d / 8)) * 8)
+        if m >= d:
+            continue
+        tail = xs[:, m:].square().sum(1).sqrt()
+        r = max(1, int(np.ceil((float(tail.max()) / amax) ** 2)))   # tail columns no larger than x's
+        r += (-(m + r)) % 8                                  # the int8 GEMM's multiple of 8
+        # the quantisation margin z will get (error_bound with the sample's L1 norms)
+        l1 = float((xs[:, :m].abs().sum(1) + np.sqrt(r) * tail).max())
+        margin = error_bound(l1, m + r, amax / 127.0)
+        bound = xs[:, :m] @ xs[:, :m].T + torch.outer(tail, tail)
+        bound.fill_diagonal_(-np.inf)
+        p = float((bound > threshold - 2 * margin).float().mean())
+        rows = 1.0 - (1.0 - p) ** min(block, n)       # rows of a block needing the full product
+        cost = (m + r) / d + rows + fixed
+        if cost < best:
+            best, plan = cost, (m, r)
+    return plan
+
+
 def _components_int8(x, threshold, block, labels, st):
     import torch
 
     n, d = x.shape
-    q, scale, l1 = quantize(x)
+    plan = head_plan(x, threshold, block) if n > block else None
+    if plan is None:
+        ((q, scale, l1),) = quantize(x)
+    else:
+        m, r = plan
+        (q, scale, l1), (zq, zs, zl1) = quantize(x, lambda a: a, lambda a: _head_rows(a, m, r))
+        zt = torch.from_numpy(zq)
+        zlo = int(np.floor((threshold - error_bound(zl1, m + r, zs)) / (zs * zs)))
     bound = error_bound(l1, d, scale)
     s2 = scale * scale
     lo = int(np.floor((threshold - bound) / s2))    # q.q <= lo  => cos <= threshold: no edge
@@ -261,23 +361,29 @@ def _components_int8(x, threshold, block, labels, st):
     buf = torch.empty(max(min(block, n), 17) * min(block, n), dtype=torch.int32)
     edges = _Edges(labels, 4 * block)
     for diagonal, i0, i1, j0, j1 in _open_blocks(n, block, edges, st):
-        # The transposed view goes to the GEMM as is (as fast as a contiguous copy).
-        # torch's int8 GEMM wants at least 17 rows: pad a short block with zero rows
-        # (their products are 0, far below any positive threshold).
-        a = qt[i0:i1]
-        if len(a) < 17:
-            a = torch.nn.functional.pad(a, (0, 0, 0, 17 - len(a)))
-        # One output buffer for all blocks: a fresh 16 MB result per block fragments
-        # glibc's heap (its mmap threshold adapts upwards) and RSS climbs block by block.
-        out = buf[: len(a) * (j1 - j0)].view(len(a), j1 - j0)
-        ct = torch._int_mm(a, qt[j0:j1].T, out=out)[: i1 - i0]
-        if diagonal:
-            ct.fill_diagonal_(lo)     # self-products are no edges; now few rows pass below
-        c = ct.numpy()
         st.blocks += 1
-        st.flops += 2.0 * (i1 - i0) * (j1 - j0) * d
-        # Rows first: near-duplicates are rare, so only a few rows need a full scan.
-        rows = np.flatnonzero(ct.amax(1).numpy() > lo)
+        if plan is None:
+            ct = _int8_product(qt[i0:i1], qt[j0:j1], buf)
+            st.flops += 2.0 * (i1 - i0) * (j1 - j0) * d
+            if diagonal:
+                ct.fill_diagonal_(lo)     # self-products are no edges; now few rows pass below
+            # Rows first: near-duplicates are rare, so only a few rows need a full scan.
+            rows = np.flatnonzero(ct.amax(1).numpy() > lo)
+            c, at = ct.numpy(), np.arange(i0, i1)      # c's rows, as row indices of x
+        else:
+            ch = _int8_product(zt[i0:i1], zt[j0:j1], buf)
+            st.flops += 2.0 * (i1 - i0) * (j1 - j0) * zq.shape[1]
+            if diagonal:
+                ch.fill_diagonal_(zlo)
+            at = np.flatnonzero(ch.amax(1).numpy() > zlo) + i0
+            if not len(at):
+                continue
+            ct = _int8_product(qt[torch.from_numpy(at)], qt[j0:j1], buf)
+            st.flops += 2.0 * len(at) * (j1 - j0) * d
+            if diagonal:
+                ct[torch.arange(len(at)), torch.from_numpy(at - i0)] = lo
+            rows = np.flatnonzero(ct.amax(1).numpy() > lo)
+            c = ct.numpy()
         if not len(rows):
             continue
         # A few rows at a time: a block inside a big near-duplicate group has millions
@@ -287,7 +393,7 @@ def _components_int8(x, threshold, block, labels, st):
             sub = c[rr]
             ri, jj = np.nonzero(sub > lo)
             vals = sub[ri, jj]
-            _add_edges(edges, st, x, rr[ri] + i0, jj + j0, vals, hi, threshold, (i0, i1, j0, j1))
+            _add_edges(edges, st, x, at[rr[ri]], jj + j0, vals, hi, threshold, (i0, i1, j0, j1))
     return edges.flush()
 
 

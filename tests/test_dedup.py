@@ -90,6 +90,85 @@ def test_int8_decides_near_threshold_pairs_exactly():
     assert st.rechecked >= 300
 
 
+def twins(where: str, seed: int = 7, n: int = 2400, d: int = 256, pairs: int = 150,
+          threshold: float = 0.86):
+    """An ordinary cluster (chained_cluster) in which `pairs` rows get a twin whose cosine
+    to them lies within 1e-3 of the threshold, on both sides. `where` the two differ:
+    "last" -- in the last quarter of the coordinates, so a head screen sees only part of
+    their similarity and must bound the rest; "first" -- in the first quarter only, inside
+    any head, so the rest is equal and its Cauchy-Schwarz bound is exact: a bound that
+    rounded the rest down by any margin would drop the twins above the threshold."""
+    rng = np.random.default_rng(seed)
+    x = chained_cluster(rng, n, d, n_chains=20, n_groups=30).astype(np.float64)
+    f = d // 4                        # the narrowest head a plan may choose (HEAD_SHARES)
+    ok = np.flatnonzero((unit(x)[:, :f] ** 2).sum(1) > 0.1)     # room for the rotation
+    idx = rng.choice(ok[ok >= 200], 2 * pairs, replace=False)
+    a, b = idx[:pairs], idx[pairs:]
+    base = unit(x[a])
+    cos = threshold + rng.uniform(-1e-3, 1e-3, pairs)
+    u = rng.standard_normal((pairs, d))
+    if where == "last":
+        u[:, :-d // 4] = 0
+        u = unit(u - (u * base).sum(1, keepdims=True) * base)
+        x[b] = unit(base * cos[:, None] + np.sqrt(1 - cos ** 2)[:, None] * u)
+    else:                 # rotate the first d/4 coordinates by the angle that gives `cos`
+        head = base[:, :f]
+        h2 = (head ** 2).sum(1, keepdims=True)
+        w = u[:, :f] - (u[:, :f] * head).sum(1, keepdims=True) / h2 * head
+        w = w / np.linalg.norm(w, axis=1, keepdims=True) * np.sqrt(h2)
+        c = 1 - (1 - cos[:, None]) / h2                 # cos of the rotation
+        assert (np.abs(c) < 1).all()
+        x[b] = base
+        x[b, :f] = c * head + np.sqrt(1 - c ** 2) * w
+    return x.astype(np.float16), a, b
+
+
+@pytest.mark.parametrize("where", ["last", "first"])
+def test_head_screen_bounds_every_pair_from_above(where):
+    x, _, _ = twins(where)
+    xf = x.astype(np.float64)
+    for m, r in ((64, 8), (128, 16), (200, 8)):
+        z = dedup._head_rows(x, m, r).numpy().astype(np.float64)
+        assert ((z @ z.T) >= (xf @ xf.T) - 1e-12).all(), (m, r)
+
+
+@pytest.mark.parametrize("where", ["last", "first"])
+def test_head_screen_keeps_every_pair_near_the_threshold(monkeypatch, where):
+    """The cheaper screen (a product over the first m coordinates plus a Cauchy-Schwarz
+    bound on the rest) must pass every pair near the threshold, however its similarity
+    is split: the graph equals brute force, and the screen did run (fewer multiply-adds
+    than the full int8 product)."""
+    monkeypatch.setattr(dedup, "HEAD_ROW_COST", 0.0)     # a test-sized cluster, screened
+    x, a, b = twins(where)
+    assert dedup.head_plan(x, 0.86, 256) is not None
+    expected = brute_components(x, 0.86)
+    xf = x.astype(np.float64)
+    above = (xf[a] * xf[b]).sum(1) > 0.86
+    assert 20 < above.sum() < 130                  # twins on both sides of the threshold
+    assert (expected[a] == expected[b]).all() == above.all()
+    assert (expected[a[above]] == expected[b[above]]).all()
+    st = dedup.PairStats()
+    got = dedup.components(x, 0.86, block=256, stats=st)
+    np.testing.assert_array_equal(got, expected)
+    monkeypatch.setattr(dedup, "head_plan", lambda *args: None)
+    full = dedup.PairStats()
+    np.testing.assert_array_equal(dedup.components(x, 0.86, block=256, stats=full), expected)
+    assert st.flops < 0.8 * full.flops and st.rechecked >= 100
+
+
+def test_head_screen_is_declined_where_it_cannot_pay(monkeypatch):
+    """A near-duplicate clique (every row would need the full product after the screen)
+    and a small cluster (its product is cheap next to the screen's fixed cost per row)."""
+    rng = np.random.default_rng(4)
+    ordinary = chained_cluster(rng, 2000, 128)
+    assert dedup.head_plan(ordinary, 0.86, 256) is None              # 2,000 rows: too small
+    monkeypatch.setattr(dedup, "HEAD_ROW_COST", 0.0)
+    assert dedup.head_plan(ordinary, 0.86, 256) is not None
+    c = unit(rng.standard_normal(128))
+    x = unit(c + 0.05 * rng.standard_normal((2000, 128)) / np.sqrt(128)).astype(np.float16)
+    assert dedup.head_plan(x, 0.86, 256) is None
+
+
 def test_keep_policies():
     labels = np.array([0, 0, 0, 0, 4, 0])
     cos = np.array([0.9, 0.5, 0.7, 0.6, 0.3, 0.8], np.float32)
