@@ -12,8 +12,8 @@ by the child: getrusage's ru_maxrss of a child started by vfork also counts the
 parent's peak). Sources are read once before the arms (a warm page cache for all).
 
 - Default: both arms run the same pipeline and differ only in the pairwise step:
-  Warren's int8-screened, symmetric, component-skipping blocks vs the SemDeDup approach,
-  a float32 X @ X.T per cluster. Their coreset.parquet and rejects.parquet must be
+  Warren's exact screens (the head screen where it pays, then the int8 product), symmetric,
+  component-skipping blocks vs the SemDeDup approach, a float32 X @ X.T per cluster. Their coreset.parquet and rejects.parquet must be
   byte-identical. Pairwise GFLOP/s counts the flops of the full float32 product each
   cluster needs (2 d n_c^2), so the two figures compare like with like.
 - --memory: a full run per size, then the finish stage and the report each rerun alone
