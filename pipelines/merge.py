@@ -5,12 +5,13 @@ Each run is read a few thousand rows at a time. Runs written for the merge (by
 record batches: a stream is read a batch at a time with nothing else held, whereas a
 Parquet reader holds the file's whole footer, about 5 KB per row group (a 2M-row run of
 2,048-row groups: 5 MB, for each of up to FAN_IN open runs) -- which made the merge's
-memory grow with the row count. Parquet runs (the earlier stages' per-bucket rejects) are
-read row group by row group, and those files are bounded by the bucket size. A round takes, from every run's buffer,
-the rows not after the smallest "last key" among the buffers (every row up to there is
-final: no run can still produce a smaller one), sorts just those with Arrow (stable, so
-equal keys keep run order) and appends them to the output; the run whose buffer ran out
-reads its next rows. Memory is (runs x buffer) rows, whatever the total; more runs than
+memory grow with the row count. Parquet runs (the earlier stages' per-bucket rejects)
+are read row group by row group; those files are bounded by the bucket size.
+
+A round takes, from every run's buffer, the rows not after the smallest "last key"
+among the buffers (every row up to there is final: no run can still produce a smaller
+one), sorts just those with Arrow (stable, so equal keys keep run order) and appends
+them to the output; the run whose buffer ran out reads its next rows. Memory is (runs x buffer) rows, whatever the total; more runs than
 `FAN_IN` are merged in rounds through intermediate files.
 
 The output is written in row groups of exactly `row_group_size` rows, each from one

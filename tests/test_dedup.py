@@ -145,7 +145,6 @@ def test_head_screen_keeps_every_pair_near_the_threshold(monkeypatch, where):
     xf = x.astype(np.float64)
     above = (xf[a] * xf[b]).sum(1) > 0.86
     assert 20 < above.sum() < 130                  # twins on both sides of the threshold
-    assert (expected[a] == expected[b]).all() == above.all()
     assert (expected[a[above]] == expected[b[above]]).all()
     st = dedup.PairStats()
     got = dedup.components(x, 0.86, block=256, stats=st)
